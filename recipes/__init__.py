@@ -1,0 +1,1 @@
+"""Built-in conversion recipes (YAML), resolved by `flex convert NAME`."""

@@ -1,0 +1,221 @@
+"""The `flex` command line: parse, call one library function, render its result.
+
+Results go to stdout (a table, a path, or with --json exactly one JSON document); progress, logs and
+errors go to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 3 infeasible request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import __version__
+from .errors import EXIT_RUNTIME, EXIT_USAGE, FlexError
+from .progress import Reporter
+
+EPILOG = "Exit codes: 0 ok · 1 runtime failure · 2 bad usage or input · 3 infeasible request. FLEX_DEBUG=1 shows tracebacks."
+app = typer.Typer(name="flex", help="Flextron for Hugging Face LLMs: one elastic model, many latency budgets.",
+                  epilog=EPILOG, pretty_exceptions_enable=False, no_args_is_help=True, add_completion=True,
+                  rich_markup_mode=None)
+STATE = {"verbosity": 0}
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+
+class RichReporter(Reporter):
+    """Progress bars on a terminal (transient, on stderr); plain log lines otherwise."""
+
+    def __init__(self, quiet: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.quiet = quiet
+        self.bars = self.console.is_terminal and not quiet
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[Any]:
+        if not self.bars:
+            if not self.quiet:
+                self.console.print(f"[dim]·[/dim] {description} ...", highlight=False)
+            yield _LogTask(self, description, total)
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total}"),
+                      TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                      console=self.console, transient=True) as prog:
+            tid = prog.add_task(description, total=total, info="")
+            yield _BarTask(prog, tid)
+        self.console.print(f"[green]✓[/green] {description}", highlight=False)
+
+    def info(self, msg: str) -> None:
+        if not self.quiet:
+            self.console.print(msg, highlight=False)
+
+    def warn(self, msg: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+
+
+class _BarTask:
+    def __init__(self, prog, tid):
+        self.prog, self.tid = prog, tid
+
+    def advance(self, n: float = 1, **fields: object) -> None:
+        info = " ".join(f"{k}={v}" for k, v in fields.items())
+        self.prog.update(self.tid, advance=n, info=info)
+
+
+class _LogTask:
+    """Without a terminal: a log line about every 10% of the work (and never with -q)."""
+
+    def __init__(self, rep: RichReporter, desc: str, total: float | None):
+        self.rep, self.desc, self.total, self.done, self.next = rep, desc, total, 0.0, 0.1
+
+    def advance(self, n: float = 1, **fields: object) -> None:
+        self.done += n
+        if self.total and not self.rep.quiet and self.done / self.total >= self.next - 1e-9:
+            self.next += 0.1
+            info = " ".join(f"{k}={v}" for k, v in fields.items())
+            self.rep.console.print(f"  {self.desc}: {self.done:.0f}/{self.total:.0f} {info}", highlight=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flex {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only results and errors.")] = False,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="More logs; tracebacks on errors.")] = 0,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    """Flextron for Hugging Face LLMs."""
+    STATE["verbosity"] = -1 if quiet else verbose
+    if verbose == 0:  # transformers' own warnings and tqdm bars are noise on our stderr
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+                        stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], None]) -> None:
+    """Call the library, render the result, map errors to one line on stderr and an exit code."""
+    rep = RichReporter(quiet=STATE["verbosity"] < 0 or as_json and not sys.stderr.isatty())
+    debug = os.environ.get("FLEX_DEBUG") == "1" or STATE["verbosity"] > 0
+    try:
+        result = fn(rep)
+    except FlexError as e:
+        _fail(str(e), e.exit_code, as_json, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted; nothing was written", 130, as_json, debug)
+    except Exception as e:  # an unexpected failure: still one line unless debugging
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(f"{type(e).__name__}: {msg} (set FLEX_DEBUG=1 for a traceback)", EXIT_RUNTIME, as_json, debug)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result))
+    else:
+        render(result)
+
+
+def _fail(msg: str, code: int, as_json: bool, debug: bool) -> None:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    typer.echo(f"error: {msg}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"error": msg, "exit_code": code}))
+    raise typer.Exit(code)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, justify="right" if c != columns[0] else "left")
+    for r in rows:
+        t.add_row(*[str(x) for x in r])
+    Console(soft_wrap=True).print(t)
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="Local HF model directory, a recipe name (llama-2-7b) or a hub id.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output directory [default: ./NAME-elastic].")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML (see recipes/).")] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration text: file, directory, JSONL (text field) or 'stdlib'.")] = None,
+    calib_samples: Annotated[int | None, typer.Option("--calib-samples", min=1, help="Number of calibration sequences N.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=2, help="Calibration sequence length L in tokens.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Compute dtype: float32 or bfloat16.")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out text for a perplexity-per-width report.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin (pickle) weights, loaded with weights_only=True.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank MLP neurons and attention heads, permute them by importance, write an elastic checkpoint."""
+    from .checkpoint import parse_size
+    from .convert import ConvertOptions
+    from .convert import convert as do_convert
+
+    def work(rep: Reporter):
+        opts = ConvertOptions(recipe, calib, calib_samples, seq_len, device, dtype, eval_data, allow_pickle,
+                              parse_size(max_shard_size))
+        return do_convert(model, output, opts, force=force, reporter=rep)
+
+    def render(r) -> None:
+        typer.echo(r.output)
+        if r.widths:
+            _table("held-out perplexity at uniform width", ["width", "mlp", "heads", "ppl"],
+                   [[f"{w['ratio']:.0%}", w["mlp"], w["heads"], f"{w['ppl']:.2f}"] for w in r.widths])
+
+    run(work, as_json, render)
+
+
+@app.command()
+def pretrain(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output model directory.")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Training text: 'stdlib' (the Python standard library), a file, directory or JSONL.")] = "stdlib",
+    size: Annotated[str, typer.Option("--size", help="tiny, small (~4M params) or base (~14M).")] = "small",
+    steps: Annotated[int, typer.Option("--steps", min=1)] = 600,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 3e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a small Llama base model (and its BPE tokenizer) from scratch on a real text corpus."""
+    from .pretrain import pretrain as do_pretrain
+
+    def render(r) -> None:
+        typer.echo(r.output)
+        typer.echo(f"{r.params / 1e6:.2f}M params, {r.train_tokens} tokens in {r.seconds:.0f}s "
+                   f"({r.tokens_per_s:.0f} tok/s); held-out ppl {r.heldout_ppl:.2f}", err=True)
+
+    run(lambda rep: do_pretrain(output, corpus, size, steps, batch_size, seq_len, lr, seed, force, rep), as_json, render)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        sys.exit(code)

@@ -1,0 +1,115 @@
+"""`flex pretrain`: a real (small) base model made here: a byte-level BPE tokenizer and a Llama trained
+from scratch on a text corpus, by default the Python standard library's source tree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_dir, check_output, write_json
+from .data import STDLIB, iter_documents, load_sequences, pack, token_stream
+from .errors import UsageError
+from .evaluate import mean_loss
+from .progress import Reporter
+from .train import TrainConfig, train_lm
+
+# name -> (hidden, layers, heads, kv_heads, intermediate, vocab)
+SIZES = {
+    "tiny": (64, 2, 4, 2, 176, 512),
+    "small": (256, 4, 8, 8, 704, 4096),
+    "base": (384, 6, 12, 12, 1024, 8192),
+}
+SPECIAL = ["<|endoftext|>", "<|pad|>"]
+
+
+def train_tokenizer(corpus: str | Path, vocab_size: int, max_chars: int = 8_000_000):
+    """Byte-level BPE trained on the first `max_chars` of the corpus' training split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    def texts():
+        n = 0
+        for doc in iter_documents(corpus, "train"):
+            yield doc
+            n += len(doc)
+            if n >= max_chars:
+                return
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], bos_token=SPECIAL[0],
+                                   unk_token=None, pad_token=SPECIAL[1], model_max_length=1 << 30)
+
+
+def make_llama(size: str, vocab_size: int, seq_len: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter, _ = SIZES[size]
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(seq_len, 1024),
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1, rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
+@dataclass
+class PretrainResult:
+    output: str
+    params: int
+    train_tokens: int
+    seconds: float
+    tokens_per_s: float
+    heldout_loss: float
+    heldout_ppl: float
+    corpus: str
+
+
+def pretrain(out: Path, corpus: str = STDLIB, size: str = "small", steps: int = 600, batch_size: int = 16,
+             seq_len: int = 256, lr: float = 3e-3, seed: int = 0, force: bool = False,
+             reporter: Reporter | None = None) -> PretrainResult:
+    """Train tokenizer and model, evaluate on the held-out split, write a HF model directory OUT."""
+    rep = reporter or Reporter()
+    if size not in SIZES:
+        raise UsageError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if steps < 1 or batch_size < 1 or seq_len < 8:
+        raise UsageError("steps and batch size must be positive and seq_len at least 8")
+    out = out.resolve()
+    check_output(out, force)
+    torch.manual_seed(seed)
+    with rep.task("training tokenizer"):
+        tok = train_tokenizer(corpus, SIZES[size][5])
+    need = steps * batch_size * seq_len
+    with rep.task("tokenizing corpus"):
+        cap = min(need, 20_000_000)
+        if corpus == STDLIB:  # held-out = the stdlib files hashed into the held-out split
+            tokens = token_stream(tok, corpus, cap, "train")
+            heldout = load_sequences(tok, corpus, 64, seq_len, "heldout")
+        else:  # held-out = the last 5% of the corpus' tokens
+            stream = token_stream(tok, corpus, cap + 64 * seq_len)
+            cut = max(seq_len + 1, int(stream.numel() * 0.95))
+            tokens, heldout = stream[:cut], pack(stream[cut:], seq_len, 64, f"{corpus} (held-out 5%)")
+    if tokens.numel() <= seq_len + 1:
+        raise UsageError(f"corpus {corpus} has {tokens.numel()} tokens, too few for sequences of {seq_len}")
+    model = make_llama(size, len(tok), seq_len, seed)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=max(1, steps // 20),
+                      seed=seed)
+    t0 = time.time()
+    res = train_lm(model, tokens, cfg, rep)
+    loss = mean_loss(model, heldout)
+    with atomic_dir(out, force) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "flex_pretrain.json", {"corpus": str(corpus), "train": asdict(cfg),
+                                                "train_tokens": res.tokens, "heldout_loss": loss})
+    params = sum(p.numel() for p in model.parameters())
+    return PretrainResult(str(out), params, res.tokens, round(time.time() - t0, 1), res.tokens_per_s,
+                          round(loss, 4), round(math.exp(loss), 3), str(corpus))

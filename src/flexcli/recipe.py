@@ -1,0 +1,152 @@
+"""Conversion recipes: YAML validated into typed dataclasses; unknown keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UsageError
+
+STAGES = ("permute",)
+
+
+@dataclass
+class ElasticSection:
+    """Width choices, as fractions of the full width (rounded per layer, see spec.py)."""
+
+    mlp_ratios: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25])
+    head_ratios: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    mlp_multiple: int = 64
+    gqa: str = "query"  # query | group
+
+
+@dataclass
+class CalibrationSection:
+    data: str = "stdlib"  # text file, directory, JSONL, or the built-in corpus "stdlib"
+    samples: int = 256
+    seq_len: int = 1024
+    batch_size: int = 4
+
+
+@dataclass
+class ImportanceSection:
+    order: str = "importance"  # importance | random (ablation baseline) | identity
+    seed: int = 0
+
+
+@dataclass
+class EvalSection:
+    """Held-out text for the perplexity report after conversion (null: no report)."""
+
+    data: str | None = None
+    samples: int = 16
+    seq_len: int = 256
+
+
+@dataclass
+class Recipe:
+    name: str | None = None
+    source: str | None = None  # hub id or local path the recipe name resolves to
+    dtype: str = "float32"  # compute dtype for calibration (weights keep their stored dtype)
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: ["permute"])
+    elastic: ElasticSection = field(default_factory=ElasticSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    importance: ImportanceSection = field(default_factory=ImportanceSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UsageError(f"recipe: {where} must be a list")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    raise UsageError(f"recipe: {where} must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UsageError(f"recipe: {where or 'top level'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in raw:
+        if k not in names:
+            raise UsageError(f"recipe: unknown key {(where + '.' if where else '') + str(k)!r}; "
+                             f"valid keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def validate(r: Recipe) -> Recipe:
+    """Check value ranges; raises UsageError with the offending key."""
+    for s in r.stages:
+        if s not in STAGES:
+            raise UsageError(f"recipe: unknown stage {s!r}; stages: {', '.join(STAGES)}")
+    e = r.elastic
+    for key, ratios in (("elastic.mlp_ratios", e.mlp_ratios), ("elastic.head_ratios", e.head_ratios)):
+        if not ratios or any(not 0 < x <= 1 for x in ratios):
+            raise UsageError(f"recipe: {key} must be a non-empty list of fractions in (0, 1]")
+    if e.gqa not in ("query", "group"):
+        raise UsageError(f"recipe: elastic.gqa must be 'query' or 'group', got {e.gqa!r}")
+    if e.mlp_multiple < 1:
+        raise UsageError("recipe: elastic.mlp_multiple must be >= 1")
+    c = r.calibration
+    if c.samples < 1 or c.seq_len < 2 or c.batch_size < 1:
+        raise UsageError("recipe: calibration.samples, seq_len and batch_size must be positive")
+    if r.importance.order not in ("importance", "random", "identity"):
+        raise UsageError(f"recipe: importance.order must be importance, random or identity, got {r.importance.order!r}")
+    if r.dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"recipe: dtype must be float32, bfloat16 or float16, got {r.dtype!r}")
+    if r.device.split(":")[0] not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"recipe: device must be auto, cpu or cuda, got {r.device!r}")
+    return r
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe YAML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"recipe {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UsageError(f"recipe {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return validate(_build(Recipe, raw, ""))
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Name -> path of the recipes shipped in recipes/."""
+    root = resources.files("flexcli.recipes")
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def find_builtin(name: str) -> Path | None:
+    return builtin_recipes().get(name)

@@ -1,0 +1,104 @@
+"""The causal-LM training loop (AdamW, warm-up + cosine, clipping, accumulation).
+
+Written once for both jobs: pretraining the demo base model (every step at full width) and, through
+`sample_config`, elastic continued training (a sub-network per step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .progress import Reporter
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, g: torch.Generator) -> torch.Tensor:
+    """(batch, seq_len) random windows of a 1-D token stream."""
+    starts = torch.randint(0, tokens.numel() - seq_len, (batch,), generator=g)
+    return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (batch, seq-1, vocab)
+    return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def train_lm(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, reporter: Reporter | None = None,
+             sample_config: Callable[[int, torch.Generator], None] | None = None) -> TrainResult:
+    """Train `model` on random windows of `tokens`; `sample_config(step, g)` may switch sub-networks."""
+    rep = reporter or Reporter()
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    model.train()
+    losses: list[float] = []
+    t0 = time.time()
+    with rep.task("training", total=cfg.steps) as task:
+        for step in range(cfg.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            if sample_config is not None:
+                sample_config(step, g)
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                x = sample_batch(tokens, cfg.batch_size, cfg.seq_len, g).to(device)
+                loss = lm_loss(model, x) / cfg.grad_accum
+                loss.backward()
+                total += loss.item()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(total)
+            done = (step + 1) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
+            task.advance(1, loss=f"{total:.3f}", tok_s=f"{done / max(1e-9, time.time() - t0):.0f}")
+    secs = time.time() - t0
+    ntok = cfg.steps * cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    model.eval()
+    return TrainResult(cfg.steps, ntok, round(secs, 2), round(ntok / max(secs, 1e-9), 1),
+                       float(sum(losses[-10:]) / max(1, len(losses[-10:]))), losses)

@@ -1,0 +1,81 @@
+"""Shared fixtures: a locally trained tokenizer and tiny Llama / Mistral / Qwen2 checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch.set_num_threads(2)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from flexcli.pretrain import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer("stdlib", 320, max_chars=200_000).save_pretrained(d)
+    return d
+
+
+def make_model(path: Path, tokenizer_dir: Path, family: str = "llama", heads: int = 4, kv: int = 2,
+               tied: bool = False, hidden: int = 64, layers: int = 2, inter: int = 96, shard: str | None = None,
+               seed: int = 0) -> Path:
+    """Save a random tiny model of `family` with transformers alone (save_pretrained), plus tokenizer."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+                  max_position_embeddings=512, initializer_range=0.2, eos_token_id=tok.eos_token_id,
+                  bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    with torch.no_grad():  # random norms and biases too, so nothing is trivially symmetric
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in n else 0.3 * torch.randn_like(p))
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(path, **kwargs)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def llama_dir(tmp_path, tokenizer_dir) -> Path:
+    return make_model(tmp_path / "llama", tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    import sysconfig
+
+    src = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n\n".join((src / f).read_text() for f in ("textwrap.py", "bisect.py", "heapq.py"))
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(text)
+    return p
+
+
+def flex_cmd() -> list[str]:
+    """The installed console script (the real entry point, not an in-process call)."""
+    exe = Path(sys.executable).parent / "flex"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "flexcli"]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
