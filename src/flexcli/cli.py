@@ -113,7 +113,7 @@ def main_callback(
 
 def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], None]) -> None:
     """Call the library, render the result, map errors to one line on stderr and an exit code."""
-    rep = RichReporter(quiet=STATE["verbosity"] < 0 or as_json and not sys.stderr.isatty())
+    rep = RichReporter(quiet=STATE["verbosity"] < 0)
     debug = os.environ.get("FLEX_DEBUG") == "1" or STATE["verbosity"] > 0
     try:
         result = fn(rep)
@@ -198,6 +198,7 @@ def pretrain(
     seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 256,
     lr: Annotated[float, typer.Option("--lr")] = 3e-3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on AMX/AVX512-BF16 CPUs and GPUs), fp32 or bf16.")] = "auto",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -209,7 +210,7 @@ def pretrain(
         typer.echo(f"{r.params / 1e6:.2f}M params, {r.train_tokens} tokens in {r.seconds:.0f}s "
                    f"({r.tokens_per_s:.0f} tok/s); held-out ppl {r.heldout_ppl:.2f}", err=True)
 
-    run(lambda rep: do_pretrain(output, corpus, size, steps, batch_size, seq_len, lr, seed, force, rep), as_json, render)
+    run(lambda rep: do_pretrain(output, corpus, size, steps, batch_size, seq_len, lr, seed, force, precision, rep), as_json, render)
 
 
 def main() -> None:

@@ -75,11 +75,13 @@ class PretrainResult:
 
 def pretrain(out: Path, corpus: str = STDLIB, size: str = "small", steps: int = 600, batch_size: int = 16,
              seq_len: int = 256, lr: float = 3e-3, seed: int = 0, force: bool = False,
-             reporter: Reporter | None = None) -> PretrainResult:
+             precision: str = "auto", reporter: Reporter | None = None) -> PretrainResult:
     """Train tokenizer and model, evaluate on the held-out split, write a HF model directory OUT."""
     rep = reporter or Reporter()
     if size not in SIZES:
         raise UsageError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"precision must be auto, fp32 or bf16, got {precision!r}")
     if steps < 1 or batch_size < 1 or seq_len < 8:
         raise UsageError("steps and batch size must be positive and seq_len at least 8")
     out = out.resolve()
@@ -101,7 +103,7 @@ def pretrain(out: Path, corpus: str = STDLIB, size: str = "small", steps: int = 
         raise UsageError(f"corpus {corpus} has {tokens.numel()} tokens, too few for sequences of {seq_len}")
     model = make_llama(size, len(tok), seq_len, seed)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=max(1, steps // 20),
-                      seed=seed)
+                      seed=seed, precision=precision)
     t0 = time.time()
     res = train_lm(model, tokens, cfg, rep)
     loss = mean_loss(model, heldout)

@@ -46,7 +46,7 @@ class EvalSection:
     """Held-out text for the perplexity report after conversion (null: no report)."""
 
     data: str | None = None
-    samples: int = 16
+    samples: int = 64
     seq_len: int = 256
 
 

@@ -96,10 +96,9 @@ class ElasticSpec:
         return [(lc.mlp[-1], lc.heads[-1]) for lc in self.layers]
 
     def uniform(self, mlp_ratio: float, head_ratio: float) -> Config:
-        """Per layer, the largest choice not above the ratio (or the smallest choice)."""
+        """Per layer, the choice nearest to the given fractions (ties go to the smaller)."""
         def pick(choices: list[int], target: float) -> int:
-            ok = [c for c in choices if c <= target + 1e-9]
-            return ok[0] if ok else choices[-1]
+            return min(reversed(choices), key=lambda c: abs(c - target))
         return [(pick(lc.mlp, mlp_ratio * self.dims.intermediate_size), pick(lc.heads, head_ratio * self.dims.num_heads))
                 for lc in self.layers]
 

@@ -29,6 +29,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     seed: int = 0
+    precision: str = "auto"  # auto (bf16 autocast where the device has fast bf16) | fp32 | bf16
 
 
 @dataclass
@@ -47,6 +48,26 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 (elsewhere CPU bf16 matmuls fall back to slow paths)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -75,6 +96,7 @@ def train_lm(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, reporter:
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
+    amp = autocast_dtype(device, cfg.precision)
     model.train()
     losses: list[float] = []
     t0 = time.time()
@@ -87,7 +109,8 @@ def train_lm(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, reporter:
             total = 0.0
             for _ in range(cfg.grad_accum):
                 x = sample_batch(tokens, cfg.batch_size, cfg.seq_len, g).to(device)
-                loss = lm_loss(model, x) / cfg.grad_accum
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    loss = lm_loss(model, x) / cfg.grad_accum
                 loss.backward()
                 total += loss.item()
             if cfg.grad_clip > 0:

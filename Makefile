@@ -1,0 +1,38 @@
+# flexcli: `make demo` runs the whole job on a built-in default; `make test` runs the fast test suite.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test test-slow demo demo-clean lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)        # the CPU wheel first, so nothing pulls a CUDA build
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+demo: install
+	$(BIN)/python -m flexcli.demo
+
+demo-clean:
+	rm -rf demo
+
+lint: install
+	$(BIN)/ruff check src kernels tests
+
+format: install
+	$(BIN)/ruff format src kernels tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
