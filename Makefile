@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-slow demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-dist: install
+	$(BIN)/python -m pytest -q -m dist
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow

@@ -113,7 +113,8 @@ def main_callback(
 
 def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], None]) -> None:
     """Call the library, render the result, map errors to one line on stderr and an exit code."""
-    rep = RichReporter(quiet=STATE["verbosity"] < 0)
+    follower = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports
+    rep = RichReporter(quiet=STATE["verbosity"] < 0 or follower)
     debug = os.environ.get("FLEX_DEBUG") == "1" or STATE["verbosity"] > 0
     try:
         result = fn(rep)
@@ -124,6 +125,8 @@ def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], No
     except Exception as e:  # an unexpected failure: still one line unless debugging
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _fail(f"{type(e).__name__}: {msg} (set FLEX_DEBUG=1 for a traceback)", EXIT_RUNTIME, as_json, debug)
+    if follower:
+        return
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result))
     else:
@@ -136,7 +139,7 @@ def _fail(msg: str, code: int, as_json: bool, debug: bool) -> None:
 
         traceback.print_exc()
     typer.echo(f"error: {msg}", err=True)
-    if as_json:
+    if as_json and os.environ.get("RANK", "0") == "0":
         typer.echo(json.dumps({"error": msg, "exit_code": code}))
     raise typer.Exit(code)
 
@@ -166,21 +169,36 @@ def convert(
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out text for a perplexity-per-width report.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin (pickle) weights, loaded with weights_only=True.")] = False,
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Elastic training steps (enables the train stage).")] = None,
+    train_tokens: Annotated[int | None, typer.Option("--train-tokens", min=1, help="Elastic training tokens (enables the train stage).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate of elastic training.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Global batch size in sequences.")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Training text (default: the calibration text).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue elastic training from the newest checkpoint.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rank MLP neurons and attention heads, permute them by importance, write an elastic checkpoint."""
+    """Rank MLP neurons and attention heads, permute them by importance, train every width, write OUT."""
     from .checkpoint import parse_size
     from .convert import ConvertOptions
     from .convert import convert as do_convert
 
     def work(rep: Reporter):
         opts = ConvertOptions(recipe, calib, calib_samples, seq_len, device, dtype, eval_data, allow_pickle,
-                              parse_size(max_shard_size))
+                              parse_size(max_shard_size), steps, train_tokens, lr, batch_size, grad_accum, data,
+                              resume)
         return do_convert(model, output, opts, force=force, reporter=rep)
 
     def render(r) -> None:
         typer.echo(r.output)
+        if r.training:
+            t = r.training
+            before = {row["name"]: row for row in t["before"]}
+            _table(f"held-out perplexity: elastic training ({t['steps']} steps, {t['tokens']:,} tokens, "
+                   f"{t['tokens_per_s']:.0f} tok/s)", ["configuration", "mean mlp", "mean heads", "prune-only", "trained"],
+                   [[row["name"], f"{sum(row['mlp']) / len(row['mlp']):.0f}", f"{sum(row['heads']) / len(row['heads']):.1f}",
+                     f"{before[row['name']]['ppl']:.2f}", f"{row['ppl']:.2f}"] for row in t["after"]])
         if r.widths:
             _table("held-out perplexity at uniform width", ["width", "mlp", "heads", "ppl"],
                    [[f"{w['ratio']:.0%}", w["mlp"], w["heads"], f"{w['ppl']:.2f}"] for w in r.widths])

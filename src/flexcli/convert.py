@@ -37,6 +37,13 @@ class ConvertOptions:
     eval_data: str | None = None
     allow_pickle: bool = False
     max_shard_size: int = 5 * 10**9
+    steps: int | None = None
+    train_tokens: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    data: str | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -50,6 +57,7 @@ class ConvertResult:
     calibration_tokens: int
     seconds: float
     widths: list[dict[str, Any]] = field(default_factory=list)  # held-out ppl per uniform width
+    training: dict[str, Any] | None = None  # the train stage's report (before/after per configuration)
 
 
 def default_output(model: str) -> Path:
@@ -71,6 +79,15 @@ def resolve_recipe(model: str, opts: ConvertOptions) -> Recipe:
     r.device = opts.device or r.device
     r.dtype = opts.dtype or r.dtype
     r.eval.data = opts.eval_data or r.eval.data
+    t = r.train
+    if opts.steps is not None or opts.train_tokens is not None:
+        t.steps, t.tokens = opts.steps, opts.train_tokens
+        if "train" not in r.stages:
+            r.stages.append("train")
+    t.lr = opts.lr or t.lr
+    t.batch_size = opts.batch_size or t.batch_size
+    t.grad_accum = opts.grad_accum or t.grad_accum
+    t.data = opts.data or t.data
     return validate(r)
 
 
@@ -140,8 +157,10 @@ def uniform_width_report(elastic, seqs: torch.Tensor, ratios=(1.0, 0.75, 0.5, 0.
 
 def convert(model: str, out: Path | None, opts: ConvertOptions, force: bool = False,
             reporter: Reporter | None = None) -> ConvertResult:
-    """Resolve MODEL, compute importance, permute, and write the elastic checkpoint OUT atomically."""
+    """Resolve MODEL, rank and permute units, optionally train elastically, write OUT atomically."""
+    from . import distributed as D
     from .elastic import ElasticModel
+    from .train_ckpt import Checkpoints, recipe_hash, work_dir
 
     rep = reporter or Reporter()
     t0 = time.time()
@@ -151,7 +170,11 @@ def convert(model: str, out: Path | None, opts: ConvertOptions, force: bool = Fa
     src, source_desc = resolve_source(model, recipe, opts.allow_pickle)
     if out == src.path.resolve():
         raise UsageError(f"output {out} is the source model itself; choose another -o")
-    device = resolve_device(recipe.device)
+    training = "train" in recipe.stages
+    ckpts = Checkpoints(work_dir(out), recipe_hash(recipe.to_dict()), src.file_hashes())
+    device = D.init_from_env(resolve_device(recipe.device))
+    rank, world = D.rank_world()
+    resume_from = _resume_point(ckpts, training, opts.resume, force and rank == 0)
     spec = ElasticSpec.build(src.arch.family, src.dims, recipe.elastic.mlp_ratios, recipe.elastic.head_ratios,
                              recipe.elastic.mlp_multiple, recipe.elastic.gqa)
     tok = load_tokenizer(src.path)
@@ -165,12 +188,21 @@ def convert(model: str, out: Path | None, opts: ConvertOptions, force: bool = Fa
         split = "heldout" if recipe.eval.data == STDLIB else "train"
         eval_seqs = load_sequences(tok, recipe.eval.data, recipe.eval.samples, recipe.eval.seq_len, split)
 
+    train_data = None
+    if training:
+        from .elastic_train import training_data
+
+        with rep.task("reading training text"):
+            train_data = training_data(recipe, tok)
     with rep.task("loading model"):
         hf = load_model(src, device, recipe.dtype)
     order = recipe.importance.order
-    if order == "importance":
+    if resume_from is not None:
+        scores, perms = _read_importance(ckpts.root / "perms.safetensors", src.dims)
+    elif order == "importance":
         with rep.task("calibration (importance)", total=seqs.shape[0]) as task:
             scores = compute_importance(hf, src.arch, src.dims, seqs, c.batch_size, task.advance)
+        scores = D.broadcast_object(scores)
         perms = permutations(scores, src.dims)
     elif order == "random":
         scores = random_scores(src.dims, recipe.importance.seed)
@@ -178,34 +210,92 @@ def convert(model: str, out: Path | None, opts: ConvertOptions, force: bool = Fa
     else:
         scores, perms = None, identity_permutations(src.dims)
     permute_model_(hf, src.arch, src.dims, perms)
+    elastic = ElasticModel(hf, src.arch, spec)
+
+    train_report = None
+    if training:
+        from .elastic_train import run_train_stage
+
+        if resume_from is None and rank == 0:
+            ckpts.root.mkdir(parents=True, exist_ok=True)
+            _write_importance(ckpts.root / "perms.safetensors", scores, perms)
+        hf, train_report = run_train_stage(hf, elastic, recipe, train_data, ckpts, resume_from, rep)
+        if hf is None:  # not the writing rank
+            D.barrier()
+            return ConvertResult(str(out), source_desc, src.arch.family, spec.layers[0].mlp, spec.layers[0].heads,
+                                 spec.gqa, int(seqs.numel()), round(time.time() - t0, 2))
+        elastic = ElasticModel(hf, src.arch, spec)
     widths = []
     if eval_seqs is not None:
         with rep.task("held-out perplexity per width"):
-            widths = uniform_width_report(ElasticModel(hf, src.arch, spec), eval_seqs)
+            widths = uniform_width_report(elastic, eval_seqs)
 
     with atomic_dir(out, force) as tmp, rep.task("writing elastic checkpoint"):
-        stream = ((n, permute_tensor(n, t, src.arch, src.dims, perms)) for n, t in src.iter_tensors())
+        if training:  # the trained weights, under the source's names and dtypes
+            state = hf.state_dict()
+            stream = ((n, state[n].to(t.dtype)) for n, t in src.iter_tensors())
+        else:  # the source's own tensors, permuted (bit-identical otherwise)
+            stream = ((n, permute_tensor(n, t, src.arch, src.dims, perms)) for n, t in src.iter_tensors())
         files = write_tensors(tmp, stream, opts.max_shard_size)
         copy_files(src.non_weight_files(), tmp)
         _write_importance(tmp / "flex_importance.safetensors", scores, perms)
+        stages: dict[str, Any] = {"permute": {"order": order, "calibration_tokens": int(seqs.numel())}}
+        reports: dict[str, Any] = {"widths": widths}
+        if train_report is not None:
+            stages["train"] = {k: v for k, v in train_report.to_dict().items() if k not in ("before", "after", "loss_curve")}
+            reports["train"] = train_report.to_dict()
+            write_json(tmp / "flex_train_report.json", train_report.to_dict())
         manifest = {
             "format": ELASTIC_FORMAT,
             "flexcli_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": sys.argv,
-            "source": {"model": source_desc, "family": src.arch.family, "files": src.file_hashes()},
-            "stages": {"permute": {"order": order, "calibration_tokens": int(seqs.numel())}},
+            "source": {"model": source_desc, "family": src.arch.family, "files": ckpts.source},
+            "stages": stages,
             "weights": files,
             "spec": spec.to_dict(),
             "recipe": recipe.to_dict(),
-            "reports": {"widths": widths, "full": config_to_json(spec.full()[:1])},
+            "reports": reports,
         }
         write_json(tmp / "flex_elastic.json", manifest)  # last: its presence marks a complete checkpoint
+    if training:
+        ckpts.remove()
+    D.barrier()
     from .project import record
 
     record(out, source_desc)
     return ConvertResult(str(out), source_desc, src.arch.family, spec.layers[0].mlp, spec.layers[0].heads,
-                         spec.gqa, int(seqs.numel()), round(time.time() - t0, 2), widths)
+                         spec.gqa, int(seqs.numel()), round(time.time() - t0, 2), widths,
+                         train_report.to_dict() if train_report else None)
+
+
+def _resume_point(ckpts, training: bool, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to resume from; refuse to silently discard an earlier run's checkpoints."""
+    if resume:
+        if not training:
+            raise UsageError("--resume needs the train stage (train.steps / --steps or --train-tokens)")
+        latest = ckpts.latest()
+        if latest is None:
+            raise UsageError(f"--resume: no checkpoint in {ckpts.root}")
+        ckpts.check(latest)
+        return latest
+    if ckpts.list():
+        if not force:
+            raise UsageError(f"checkpoints of an earlier run are in {ckpts.root}; pass --resume to continue it "
+                             "or --force to start over")
+        ckpts.remove()
+    return None
+
+
+def _read_importance(path: Path, dims):
+    from safetensors.torch import load_file
+
+    t = load_file(path)
+    perms = [{u: t[f"layers.{i}.{u}_perm"] for u in ("neuron", "qhead", "kvhead")} for i in range(dims.num_layers)]
+    scores = None
+    if "layers.0.neuron_score" in t:
+        scores = [{u: t[f"layers.{i}.{u}_score"] for u in ("neuron", "qhead")} for i in range(dims.num_layers)]
+    return scores, perms
 
 
 def _write_importance(path: Path, scores, perms) -> None:

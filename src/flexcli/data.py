@@ -108,3 +108,18 @@ def pack(tokens: torch.Tensor, seq_len: int, n: int | None = None, source: str |
 def load_sequences(tokenizer, source: str | Path, n: int, seq_len: int, split: str = "train") -> torch.Tensor:
     """(n, seq_len) packed sequences from `source` (fewer if the text runs out)."""
     return pack(token_stream(tokenizer, source, n * seq_len, split), seq_len, n, source)
+
+
+def train_and_heldout(tokenizer, source: str | Path, max_tokens: int, heldout_seqs: int,
+                      seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1-D training token stream, (n, seq_len) held-out sequences).
+
+    For 'stdlib' the held-out text is the held-out file split; for anything else it is the last 5% of
+    the tokens read (the training stream never contains it).
+    """
+    if str(source) == STDLIB:
+        return (token_stream(tokenizer, source, max_tokens, "train"),
+                load_sequences(tokenizer, source, heldout_seqs, seq_len, "heldout"))
+    stream = token_stream(tokenizer, source, max_tokens + heldout_seqs * seq_len)
+    cut = max(seq_len + 1, int(stream.numel() * 0.95))
+    return stream[:cut], pack(stream[cut:], seq_len, heldout_seqs, f"{source} (held-out last 5%)")

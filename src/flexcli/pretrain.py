@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_dir, check_output, write_json
-from .data import STDLIB, iter_documents, load_sequences, pack, token_stream
+from .data import STDLIB, iter_documents, train_and_heldout
 from .errors import UsageError
 from .evaluate import mean_loss
 from .progress import Reporter
@@ -91,14 +91,7 @@ def pretrain(out: Path, corpus: str = STDLIB, size: str = "small", steps: int = 
         tok = train_tokenizer(corpus, SIZES[size][5])
     need = steps * batch_size * seq_len
     with rep.task("tokenizing corpus"):
-        cap = min(need, 20_000_000)
-        if corpus == STDLIB:  # held-out = the stdlib files hashed into the held-out split
-            tokens = token_stream(tok, corpus, cap, "train")
-            heldout = load_sequences(tok, corpus, 64, seq_len, "heldout")
-        else:  # held-out = the last 5% of the corpus' tokens
-            stream = token_stream(tok, corpus, cap + 64 * seq_len)
-            cut = max(seq_len + 1, int(stream.numel() * 0.95))
-            tokens, heldout = stream[:cut], pack(stream[cut:], seq_len, 64, f"{corpus} (held-out 5%)")
+        tokens, heldout = train_and_heldout(tok, corpus, min(need, 20_000_000), 64, seq_len)
     if tokens.numel() <= seq_len + 1:
         raise UsageError(f"corpus {corpus} has {tokens.numel()} tokens, too few for sequences of {seq_len}")
     model = make_llama(size, len(tok), seq_len, seed)

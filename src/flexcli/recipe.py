@@ -14,7 +14,7 @@ import yaml
 
 from .errors import UsageError
 
-STAGES = ("permute",)
+STAGES = ("permute", "train")
 
 
 @dataclass
@@ -51,6 +51,33 @@ class EvalSection:
 
 
 @dataclass
+class TrainSection:
+    """Elastic continued training (method.md §2.3); runs when "train" is in `stages`."""
+
+    steps: int | None = None  # optimizer steps; or set `tokens`
+    tokens: int | None = None  # training tokens (steps = tokens / (batch_size * seq_len * grad_accum))
+    batch_size: int = 8  # global batch in sequences
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast)
+    p_full: float = 0.33  # probability of the full model per micro-batch [S2]
+    sampling: str = "layerwise"  # layerwise (per-layer random) | uniform (one width for all) | mixed
+    sandwich: bool = False  # full + smallest + one random sub-network every micro-batch
+    distill: float = 0.0  # weight of KL(frozen original || sub-network); 0 = plain LM loss
+    temperature: float = 1.0  # distillation temperature
+    data: str | None = None  # training text (default: calibration.data)
+    val_samples: int = 32  # held-out sequences for the report
+    val_random_configs: int = 3  # random per-layer configurations in the report
+    checkpoint_every: int = 100  # steps between checkpoints (0 = none)
+    keep_checkpoints: int = 2
+
+
+@dataclass
 class Recipe:
     name: str | None = None
     source: str | None = None  # hub id or local path the recipe name resolves to
@@ -62,6 +89,7 @@ class Recipe:
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     importance: ImportanceSection = field(default_factory=ImportanceSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    train: TrainSection = field(default_factory=TrainSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +151,21 @@ def validate(r: Recipe) -> Recipe:
         raise UsageError("recipe: calibration.samples, seq_len and batch_size must be positive")
     if r.importance.order not in ("importance", "random", "identity"):
         raise UsageError(f"recipe: importance.order must be importance, random or identity, got {r.importance.order!r}")
+    t = r.train
+    if not 0 <= t.p_full <= 1:
+        raise UsageError(f"recipe: train.p_full must be in [0, 1], got {t.p_full}")
+    if t.sampling not in ("layerwise", "uniform", "mixed"):
+        raise UsageError(f"recipe: train.sampling must be layerwise, uniform or mixed, got {t.sampling!r}")
+    if not 0 <= t.distill <= 1 or t.temperature <= 0:
+        raise UsageError("recipe: train.distill must be in [0, 1] and train.temperature positive")
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"recipe: train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    if t.batch_size < 1 or t.grad_accum < 1 or t.seq_len < 2 or t.lr <= 0 or t.keep_checkpoints < 1:
+        raise UsageError("recipe: train.batch_size, grad_accum, seq_len, lr and keep_checkpoints must be positive")
+    if (t.steps is not None and t.steps < 1) or (t.tokens is not None and t.tokens < 1):
+        raise UsageError("recipe: train.steps and train.tokens must be positive")
+    if "train" in r.stages and t.steps is None and t.tokens is None:
+        raise UsageError("recipe: the train stage needs train.steps or train.tokens (or --steps / --train-tokens)")
     if r.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"recipe: dtype must be float32, bfloat16 or float16, got {r.dtype!r}")
     if r.device.split(":")[0] not in ("auto", "cpu", "cuda"):

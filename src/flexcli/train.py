@@ -1,7 +1,9 @@
-"""The causal-LM training loop (AdamW, warm-up + cosine, clipping, accumulation).
+"""The causal-LM training loop (AdamW, warm-up + cosine, clipping, accumulation, bf16 autocast).
 
-Written once for both jobs: pretraining the demo base model (every step at full width) and, through
-`sample_config`, elastic continued training (a sub-network per step).
+Written once for both jobs: pretraining the demo base model (plain LM loss) and elastic continued
+training (`step_loss` picks a sub-network per micro-batch). Resumable: the loop state is the step,
+the optimizer and the data/sampling generator, so a resumed run repeats an uninterrupted one exactly.
+Under torchrun every rank draws the same global batch and trains on its own slice of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .progress import Reporter
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16  # global batch (sequences per micro-step, summed over ranks)
     seq_len: int = 256
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -40,6 +42,16 @@ class TrainResult:
     tokens_per_s: float
     final_loss: float
     losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class LoopState:
+    """Everything besides the weights that a resumed run needs."""
+
+    step: int
+    optimizer: dict | Callable[[torch.optim.Optimizer], None]
+    generator: torch.Tensor
+    losses: list[float]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -89,39 +101,73 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_lm(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, reporter: Reporter | None = None,
-             sample_config: Callable[[int, torch.Generator], None] | None = None) -> TrainResult:
-    """Train `model` on random windows of `tokens`; `sample_config(step, g)` may switch sub-networks."""
+             step_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+             state: LoopState | None = None,
+             on_step: Callable[[int, torch.optim.Optimizer, torch.Generator, list[float]], None] | None = None,
+             ) -> TrainResult:
+    """Train on random windows of `tokens` from step `state.step` (0) to `cfg.steps`.
+
+    `step_loss(x, g)` computes the loss of one micro-batch (default: LM cross-entropy at full width);
+    `on_step(step, opt, g, losses)` runs after every optimizer step (checkpointing).
+    """
     rep = reporter or Reporter()
+    rank, world = _rank_world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
-    amp = autocast_dtype(device, cfg.precision)
-    model.train()
     losses: list[float] = []
+    start = 0
+    if state is not None:
+        if callable(state.optimizer):  # sharded (DCP) state loads itself into the optimizer
+            state.optimizer(opt)
+        else:
+            opt.load_state_dict(state.optimizer)
+        g.set_state(state.generator)
+        losses, start = list(state.losses), state.step
+    amp = autocast_dtype(device, cfg.precision)
+    loss_fn = step_loss or (lambda x, _g: lm_loss(model, x))
+    local = cfg.batch_size // world
+    model.train()
     t0 = time.time()
     with rep.task("training", total=cfg.steps) as task:
-        for step in range(cfg.steps):
+        task.advance(start)
+        for step in range(start, cfg.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            if sample_config is not None:
-                sample_config(step, g)
-            total = 0.0
+            total = torch.zeros((), device=device)
             for _ in range(cfg.grad_accum):
-                x = sample_batch(tokens, cfg.batch_size, cfg.seq_len, g).to(device)
+                x = sample_batch(tokens, cfg.batch_size, cfg.seq_len, g)[rank * local:(rank + 1) * local].to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    loss = lm_loss(model, x) / cfg.grad_accum
+                    loss = loss_fn(x, g) / cfg.grad_accum
                 loss.backward()
-                total += loss.item()
+                total += loss.detach()
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(total)
-            done = (step + 1) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
-            task.advance(1, loss=f"{total:.3f}", tok_s=f"{done / max(1e-9, time.time() - t0):.0f}")
+            losses.append(total.item())
+            done = (step + 1 - start) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
+            task.advance(1, loss=f"{losses[-1]:.3f}", tok_s=f"{done / max(1e-9, time.time() - t0):.0f}")
+            if on_step is not None:
+                on_step(step + 1, opt, g, losses)
     secs = time.time() - t0
-    ntok = cfg.steps * cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    ntok = (cfg.steps - start) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
     model.eval()
+    tail = losses[-10:]
     return TrainResult(cfg.steps, ntok, round(secs, 2), round(ntok / max(secs, 1e-9), 1),
-                       float(sum(losses[-10:]) / max(1, len(losses[-10:]))), losses)
+                       float(sum(tail) / max(1, len(tail))), losses)

@@ -1,0 +1,120 @@
+"""Elastic continued training: sampling, distillation, resume equivalence, refusals, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model
+from safetensors.torch import load_file
+
+from flexcli.arch import Dims
+from flexcli.convert import ConvertOptions, convert
+from flexcli.elastic_train import random_config, sample_configs
+from flexcli.errors import UsageError
+from flexcli.recipe import TrainSection
+from flexcli.spec import ElasticSpec
+from flexcli.train_ckpt import Checkpoints
+
+
+def _recipe(tmp_path: Path, **train) -> Path:
+    body = {"precision": "fp32", "batch_size": 4, "seq_len": 32, "checkpoint_every": 5, "warmup": 2,
+            "val_samples": 4, "val_random_configs": 1, **train}
+    lines = ["stages: [permute, train]", "train:"] + [f"  {k}: {json.dumps(v)}" for k, v in body.items()]
+    p = tmp_path / f"recipe-{abs(hash(tuple(sorted(body.items()))))}.yaml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def _opts(calib, recipe, **kw) -> ConvertOptions:
+    return ConvertOptions(recipe=recipe, calib=str(calib), calib_samples=4, seq_len=32, device="cpu", **kw)
+
+
+def test_sampling_rules():
+    spec = ElasticSpec.build("llama", Dims(4, 64, 96, 8, 2, 8, 100, False), [1, .75, .5, .25], [1, .5], 64, "query")
+    g = torch.Generator().manual_seed(0)
+    picks = [sample_configs(spec, TrainSection(p_full=0.33), g) for _ in range(3000)]
+    assert all(len(p) == 1 for p in picks)
+    share_full = sum(p[0] is None for p in picks) / len(picks)
+    assert 0.29 < share_full < 0.37
+    assert sample_configs(spec, TrainSection(p_full=0.0, sandwich=True), g)[:2] == [None, spec.smallest()]
+    for _ in range(50):
+        cfg = random_config(spec, "uniform", g)
+        assert len(set(cfg)) == 1  # one width for every layer
+        spec.check(random_config(spec, "layerwise", g))
+    layerwise = [random_config(spec, "layerwise", g) for _ in range(50)]
+    assert any(len(set(c)) > 1 for c in layerwise)
+
+
+def test_training_improves_subnetworks_and_writes_report(tmp_path, tokenizer_dir, calib_file):
+    src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2, hidden=64, layers=2)
+    res = convert(str(src), tmp_path / "out", _opts(calib_file, _recipe(tmp_path, steps=30, lr=3e-3, distill=0.5)))
+    t = res.training
+    before = {r["name"]: r["loss"] for r in t["before"]}
+    after = {r["name"]: r["loss"] for r in t["after"]}
+    assert after["uniform 50%"] < before["uniform 50%"]
+    assert after["full"] < before["full"]  # a random model: training helps everywhere
+    out = Path(res.output)
+    assert json.loads((out / "flex_train_report.json").read_text())["steps"] == 30
+    manifest = json.loads((out / "flex_elastic.json").read_text())
+    assert manifest["stages"]["train"]["steps"] == 30 and "train" in manifest["recipe"]["stages"]
+    assert not (tmp_path / ".out.flex-train").exists()  # checkpoints removed after commit
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_gives_the_same_weights(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    src = make_model(tmp_path / "src", tokenizer_dir, "qwen2", 4, 2, hidden=64, layers=2)
+    recipe = _recipe(tmp_path, steps=12, p_full=0.3, sampling="mixed")
+    straight = Path(convert(str(src), tmp_path / "a", _opts(calib_file, recipe)).output)
+
+    real_save = Checkpoints.save
+
+    def save_then_die(self, step, *a, **kw):
+        path = real_save(self, step, *a, **kw)
+        if step == 10:
+            raise Interrupt
+        return path
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_die)
+    with pytest.raises(Interrupt):
+        convert(str(src), tmp_path / "b", _opts(calib_file, recipe))
+    monkeypatch.setattr(Checkpoints, "save", real_save)
+    assert not (tmp_path / "b").exists()
+    work = tmp_path / ".b.flex-train"
+    assert sorted(p.name for p in work.glob("step-*")) == ["step-0000005", "step-0000010"]
+
+    with pytest.raises(UsageError, match="--resume"):  # without --resume the checkpoints are not discarded
+        convert(str(src), tmp_path / "b", _opts(calib_file, recipe))
+    with pytest.raises(UsageError, match="different recipe"):
+        convert(str(src), tmp_path / "b", _opts(calib_file, _recipe(tmp_path, steps=12, lr=1e-3), resume=True))
+    other = make_model(tmp_path / "other", tokenizer_dir, "qwen2", 4, 2, hidden=64, layers=2, seed=1)
+    with pytest.raises(UsageError, match="another model"):
+        convert(str(other), tmp_path / "b", _opts(calib_file, recipe, resume=True))
+
+    resumed = Path(convert(str(src), tmp_path / "b", _opts(calib_file, recipe, resume=True)).output)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+    rep = json.loads((resumed / "flex_train_report.json").read_text())
+    assert rep["resumed_from"] == 10
+
+
+def test_bad_training_inputs(tmp_path, tokenizer_dir, calib_file):
+    src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2)
+    with pytest.raises(UsageError, match="p_full"):
+        convert(str(src), tmp_path / "o", _opts(calib_file, _recipe(tmp_path, steps=2, p_full=1.5)))
+    with pytest.raises(UsageError, match="no checkpoint"):
+        convert(str(src), tmp_path / "o", _opts(calib_file, _recipe(tmp_path, steps=2), resume=True))
+    with pytest.raises(UsageError, match="fewer than one batch"):
+        convert(str(src), tmp_path / "o", _opts(calib_file, _recipe(tmp_path, steps=2, batch_size=4096)))
+    with pytest.raises(UsageError, match="train.steps or train.tokens"):
+        r = tmp_path / "r.yaml"
+        r.write_text("stages: [permute, train]\n")
+        convert(str(src), tmp_path / "o", _opts(calib_file, r))
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.flex-train").exists()
