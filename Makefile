@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow bench-train demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ test-dist: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+
+bench-train: install
+	$(BIN)/python bench/bench_train.py
 
 demo: install
 	$(BIN)/python -m flexcli.demo

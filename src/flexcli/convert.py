@@ -18,7 +18,7 @@ from .importance import compute_importance, random_scores
 from .permute import identity_permutations, permutations, permute_model_, permute_tensor
 from .progress import Reporter
 from .recipe import Recipe, find_builtin, load_recipe, validate
-from .spec import ElasticSpec, config_to_json
+from .spec import ElasticSpec
 
 ELASTIC_FORMAT = "flexcli.elastic/1"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]

@@ -68,7 +68,7 @@ class TrainSection:
     p_full: float = 0.33  # probability of the full model per micro-batch [S2]
     sampling: str = "layerwise"  # layerwise (per-layer random) | uniform (one width for all) | mixed
     sandwich: bool = False  # full + smallest + one random sub-network every micro-batch
-    distill: float = 0.0  # weight of KL(frozen original || sub-network); 0 = plain LM loss
+    distill: float = 1.0  # weight of KL(frozen original || sub-network) vs LM loss; 0 = plain LM loss
     temperature: float = 1.0  # distillation temperature
     data: str | None = None  # training text (default: calibration.data)
     val_samples: int = 32  # held-out sequences for the report
