@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow bench-train demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow bench-train bench-profile demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test-slow: install
 
 bench-train: install
 	$(BIN)/python bench/bench_train.py
+
+bench-profile: install
+	$(BIN)/python bench/bench_profile.py
 
 demo: install
 	$(BIN)/python -m flexcli.demo

@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,3 +318,34 @@ def copy_files(files: Iterable[Path], dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
         except OSError as e:
             raise RuntimeFailure(f"cannot copy {f} to {dst}: {e.strerror}") from None
+
+
+def update_dir(path: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Replace some files of an existing directory as one atomic step.
+
+    A temporary sibling gets hard links to every other file and the new files (writer(dest_path)), is
+    fsynced, and is swapped in by two renames; a crash leaves the old directory (or the new one) whole.
+    """
+    path = path.resolve()
+    clean_stale_siblings(path)
+    tmp = path.parent / f".{path.name}{TMP_TAG}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for f in path.iterdir():
+            if f.name in writers or not f.is_file():
+                continue
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+        for name, write in writers.items():
+            write(tmp / name)
+        _fsync_tree(tmp)
+        old = path.parent / f".{path.name}{TMP_TAG}old-{os.getpid()}"
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -153,7 +153,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
         t.add_column(c, justify="right" if c != columns[0] else "left")
     for r in rows:
         t.add_row(*[str(x) for x in r])
-    Console(soft_wrap=True).print(t)
+    Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200).print(t)
 
 
 @app.command()
@@ -229,6 +229,107 @@ def pretrain(
                    f"({r.tokens_per_s:.0f} tok/s); held-out ppl {r.heldout_ppl:.2f}", err=True)
 
     run(lambda rep: do_pretrain(output, corpus, size, steps, batch_size, seq_len, lr, seed, force, precision, rep), as_json, render)
+
+
+def _elastic_arg(path: Path | None) -> Path:
+    """ELASTIC, or the one recorded in ./flex-project.json."""
+    from .project import default_elastic
+
+    return path if path is not None else default_elastic()
+
+
+ElasticArg = Annotated[Path | None, typer.Argument(help="Elastic checkpoint [default: the one converted here, from ./flex-project.json].")]
+
+
+@app.command()
+def profile(
+    elastic: ElasticArg = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (GPU).")] = "float32",
+    batch: Annotated[int, typer.Option("--batch", help="Batch size B.")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Prefill: tokens per sequence S.")] = 128,
+    phase: Annotated[str, typer.Option("--phase", help="prefill (a forward over B x S) or decode (one token per sequence).")] = "prefill",
+    kv_len: Annotated[int | None, typer.Option("--kv-len", help="Decode: cached tokens T [default: --seq-len].")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats per entry (median; >= 3).")] = 7,
+    warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up seconds per entry (and >= 10 calls).")] = 0.2,
+    correct: Annotated[int, typer.Option("--correct", help="Fit a per-regime scale on N measured random configurations.")] = 0,
+    validate: Annotated[int, typer.Option("--validate", help="Measure N random configurations end to end against the table.")] = 0,
+    fit: Annotated[str, typer.Option("--fit", help="bilinear: least-squares smooth the joint table (a + b*mlp + c*heads + d*mlp*heads); none: raw entries.")] = "bilinear",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure per-layer latency at every (MLP width, heads) choice on this device into ELASTIC's table."""
+    from .profile import ProfileOptions
+    from .profile import profile as do_profile
+
+    def work(rep: Reporter):
+        o = ProfileOptions(device, dtype, batch, seq_len, phase, kv_len, repeats, warmup_s, correct=correct,
+                           validate=validate, seed=seed, fit=fit)
+        return do_profile(_elastic_arg(elastic), o, rep)
+
+    def render(r) -> None:
+        typer.echo(f"{r.regime}")
+        typer.echo(f"fixed part {r.fixed_ms:.3f} ms · full model {r.full_ms:.3f} ms · smallest {r.smallest_ms:.3f} ms "
+                   f"· max spread {r.max_spread:.1%} · scale {r.scale:.3f}")
+        mlps = sorted({e["mlp"] for e in r.table}, reverse=True)
+        heads = sorted({e["heads"] for e in r.table}, reverse=True)
+        ms = {(e["mlp"], e["heads"]): e["layer_ms"] for e in r.table}
+        _table("per-layer latency (ms) by MLP width (rows) and heads (columns)", ["mlp", *map(str, heads)],
+               [[m, *[f"{ms[(m, h)]:.3f}" for h in heads]] for m in mlps])
+        if r.validation:
+            v = r.validation
+            _table(f"validation: {v['n']} random per-layer configurations, predicted vs measured",
+                   ["within ±10%", "within ±5%", "p90 |err|", "mean signed err", "max |err|"],
+                   [[f"{v['within_10pct']:.0%}", f"{v['within_5pct']:.0%}", f"{v['p90_abs_err']:.1%}",
+                     f"{v['mean_signed_err']:+.1%}", f"{v['max_abs_err']:.1%}"]])
+
+    run(work, as_json, render)
+
+
+@app.command("train-router")
+def train_router_cmd(
+    elastic: ElasticArg = None,
+    budgets: Annotated[str | None, typer.Option("--budgets", help="Latency targets, e.g. 30ms,40ms,60% [default: 40%,55%,70%,85%].")] = None,
+    static: Annotated[bool, typer.Option("--static/--no-static", help="Train the static (budget -> per-layer widths) router.")] = True,
+    dynamic: Annotated[bool, typer.Option("--dynamic/--no-dynamic", help="Train the input-adaptive router.")] = True,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Static router steps.")] = 300,
+    dynamic_steps: Annotated[int, typer.Option("--dynamic-steps", min=1, help="Input-adaptive router steps.")] = 200,
+    joint_steps: Annotated[int, typer.Option("--joint-steps", min=0, help="Joint LLM + static router fine-tuning steps (0 = skip).")] = 0,
+    sm_warmup: Annotated[int, typer.Option("--sm-warmup", min=8, help="Surrogate warm-up configurations.")] = 256,
+    regime: Annotated[str | None, typer.Option("--regime", help="Latency-table regime key (or a unique part of it) [default: newest].")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Text for router training and evaluation [default: the conversion's].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 128,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train static and input-adaptive routers against the latency table, with the surrogate model."""
+    from .router_train import RouterHyper
+    from .train_router import train_router
+
+    def work(rep: Reporter):
+        h = RouterHyper(steps=steps, dynamic_steps=dynamic_steps, joint_steps=joint_steps, sm_warmup=sm_warmup,
+                        batch_size=batch_size, seq_len=seq_len, seed=seed)
+        return train_router(_elastic_arg(elastic), budgets, static, dynamic, h, regime, data, reporter=rep)
+
+    def render(r) -> None:
+        typer.echo(r.elastic)
+        typer.echo(f"regime {r.regime} · full {r.full_ms:.3f} ms · smallest {r.smallest_ms:.3f} ms · "
+                   f"surrogate Spearman {r.sm_spearman:.3f}")
+        rows = []
+        for b in r.budgets:
+            mlp = [c["mlp"] for c in b.config]
+            heads = [c["heads"] for c in b.config]
+            rows.append([b.budget, f"{b.budget_ms:.2f}", f"{b.lut_latency_ms:.2f}", f"{sum(mlp) / len(mlp):.0f}",
+                         f"{sum(heads) / len(heads):.1f}", f"{b.ppl:.2f}", f"{b.uniform_ppl:.2f} @ {b.uniform_latency_ms:.2f}",
+                         "-" if b.dynamic_ppl is None else f"{b.dynamic_ppl:.2f} @ {b.dynamic_mean_latency_ms:.2f}",
+                         "-" if b.joint_ppl is None else f"{b.joint_ppl:.2f}"])
+        _table("held-out ppl per budget: static router, uniform width at equal LUT latency, input-adaptive, after joint",
+               ["budget", "ms", "LUT ms", "mean mlp", "mean heads", "static ppl", "uniform ppl @ ms",
+                "adaptive ppl @ ms", "joint ppl"], rows)
+        typer.echo("per-layer configurations: flex train-router --json (budgets[].config)", err=True)
+
+    run(work, as_json, render)
 
 
 def main() -> None:

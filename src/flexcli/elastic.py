@@ -96,16 +96,24 @@ class ElasticModel:
         """Activate per-layer (mlp, heads); None means the full model."""
         cfg = self.spec.full() if cfg is None else [(int(m), int(h)) for m, h in cfg]
         self.spec.check(cfg)
-        d = self.spec.dims
-        for (m, h), lins, attn in zip(cfg, self._linears, self._attn):
-            q_sel, kv_sel = self._head_sel(h)
-            unit_sel: dict[str, Selection] = {
-                "neuron": None if m == d.intermediate_size else m, "qhead": q_sel, "kvhead": kv_sel}
-            for lin, out_u, in_u in lins.values():
-                lin.out_sel = unit_sel[out_u] if out_u else None
-                lin.in_sel = unit_sel[in_u] if in_u else None
-            attn.num_key_value_groups = h // self.spec.kv_heads(h)
+        for i, (m, h) in enumerate(cfg):
+            self.set_layer(i, m, h)
         self.config = cfg
+
+    def set_layer(self, i: int, mlp: int | None = None, heads: int | None = None) -> None:
+        """Set one layer's MLP width and/or head count (None leaves it unchanged)."""
+        d = self.spec.dims
+        unit_sel: dict[str, Selection] = {}
+        if mlp is not None:
+            unit_sel["neuron"] = None if mlp == d.intermediate_size else mlp
+        if heads is not None:
+            unit_sel["qhead"], unit_sel["kvhead"] = self._head_sel(heads)
+            self._attn[i].num_key_value_groups = heads // self.spec.kv_heads(heads)
+        for lin, out_u, in_u in self._linears[i].values():
+            if out_u in unit_sel:
+                lin.out_sel = unit_sel[out_u]
+            if in_u in unit_sel:
+                lin.in_sel = unit_sel[in_u]
 
     @contextmanager
     def configured(self, cfg: Config | None) -> Iterator[ElasticModel]:

@@ -1,0 +1,101 @@
+"""Routers (method.md §2.4): budget -> per-layer width choices, static or input-adaptive.
+
+Budgets are encoded as a one-hot over the trained latency targets; an unseen budget between two
+targets is their linear mix (router interpolation). Choice index 0 is the full width.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+
+def encode_budget(budget_ms: float, targets: list[float]) -> torch.Tensor:
+    """(n_targets,) one-hot, or the linear mix of the two trained targets around `budget_ms` (clamped)."""
+    ts = sorted(targets)
+    v = torch.zeros(len(targets))
+    if budget_ms <= ts[0]:
+        v[targets.index(ts[0])] = 1.0
+    elif budget_ms >= ts[-1]:
+        v[targets.index(ts[-1])] = 1.0
+    else:
+        i = bisect.bisect_left(ts, budget_ms)
+        lo, hi = ts[i - 1], ts[i]
+        w = (budget_ms - lo) / (hi - lo)
+        v[targets.index(lo)] += 1 - w
+        v[targets.index(hi)] += w
+    return v
+
+
+def _init(m: nn.Module, std: float) -> None:
+    for p in m.parameters():
+        nn.init.normal_(p, std=std)
+
+
+class StaticRouter(nn.Module):
+    """z = W2 LeakyReLU(W1 onehot(T)) -> per-layer MLP-width and head-count logits (bias-free, [S2])."""
+
+    def __init__(self, n_targets: int, n_layers: int, n_mlp: int, n_heads: int, hidden: int = 128,
+                 init_std: float = 0.1):
+        super().__init__()
+        self.n_layers, self.n_mlp, self.n_heads = n_layers, n_mlp, n_heads
+        self.net = nn.Sequential(nn.Linear(n_targets, hidden, bias=False), nn.LeakyReLU(0.1),
+                                 nn.Linear(hidden, n_layers * (n_mlp + n_heads), bias=False))
+        _init(self, init_std)
+
+    def forward(self, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """budget: (B, n_targets) -> (mlp logits (B, L, K), head logits (B, L, J))."""
+        z = self.net(budget).view(-1, self.n_layers, self.n_mlp + self.n_heads)
+        return z[..., : self.n_mlp], z[..., self.n_mlp:]
+
+
+class DynamicRouter(nn.Module):
+    """Input-adaptive router: per layer, a per-token MLP width from [x_t ; emb(T)] and a per-sequence
+    head count from [mean over the sequence of x_t ; emb(T)] (so the KV cache stays consistent)."""
+
+    def __init__(self, n_targets: int, n_layers: int, hidden_size: int, n_mlp: int, n_heads: int,
+                 emb: int = 16, hidden: int = 64, init_std: float = 0.1):
+        super().__init__()
+        self.emb = nn.Linear(n_targets, emb, bias=False)
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(hidden_size + emb, hidden, bias=False), nn.LeakyReLU(0.1),
+                                               nn.Linear(hidden, n_mlp, bias=False)) for _ in range(n_layers))
+        self.att = nn.ModuleList(nn.Sequential(nn.Linear(hidden_size + emb, hidden, bias=False), nn.LeakyReLU(0.1),
+                                               nn.Linear(hidden, n_heads, bias=False)) for _ in range(n_layers))
+        _init(self, init_std)
+
+    def layer_logits(self, layer: int, x: torch.Tensor, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, S, D) hidden state entering `layer`; budget: (B, n_targets).
+
+        Returns (per-token MLP logits (B, S, K), per-sequence head logits (B, J)).
+        """
+        e = self.emb(budget)  # (B, E)
+        x = x.float()
+        tok = torch.cat([x, e[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
+        seq = torch.cat([x.mean(dim=1), e], dim=-1)
+        return self.mlp[layer](tok), self.att[layer](seq)
+
+
+class Surrogate(nn.Module):
+    """SM: predicts the LM loss from the concatenated per-layer choice probabilities (2 x 256, ReLU)."""
+
+    def __init__(self, n_in: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.net(probs).squeeze(-1)
+
+
+def gumbel_probs(logits: torch.Tensor, tau: float, g: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel-softmax probabilities over the last dim."""
+    u = torch.rand(logits.shape, generator=g).clamp_(1e-9, 1 - 1e-9).to(logits.device)
+    return torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+
+
+def latency_loss(expected_ms: torch.Tensor, budget_ms: torch.Tensor, dead_zone: float) -> torch.Tensor:
+    """|E[lat]/T - 1|, zero inside the dead zone (method.md §2.6)."""
+    r = (expected_ms / budget_ms - 1).abs()
+    return torch.where(r < dead_zone, torch.zeros_like(r), r)

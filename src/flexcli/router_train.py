@@ -1,0 +1,306 @@
+"""`flex train-router`: routers trained against the latency table with the surrogate model (§2.4-2.7).
+
+Static stage: the SM learns LM loss from per-layer choice probabilities (warm-up on sampled
+configurations, then on the router's own choices); the router is updated through the SM only while
+the SM's relative error on the current choice is under `eps`: L_R = SM(pi) + lam * latency_loss.
+Input-adaptive stage: the same, with per-token / per-sequence probabilities averaged per layer.
+Joint stage (optional): LLM and static router fine-tuned together with straight-through gating.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .elastic import ElasticModel
+from .evaluate import mean_loss
+from .latency import LatencyTable
+from .progress import Reporter
+from .router import DynamicRouter, StaticRouter, Surrogate, encode_budget, gumbel_probs, latency_loss
+from .spec import Config
+
+
+@dataclass
+class RouterHyper:
+    steps: int = 300  # static router steps
+    dynamic_steps: int = 200
+    joint_steps: int = 0
+    sm_warmup: int = 256  # (configuration, loss) pairs before the first router step
+    sm_heldout: int = 48  # configurations kept aside for the SM's Spearman
+    lr: float = 1e-2  # router
+    sm_lr: float = 1e-3
+    joint_lr: float = 1e-4  # LLM weights in the joint stage
+    lam: float = 5.0  # latency-loss weight (method: 1.0 [S1]; 5 makes budgets binding at our loss scale)
+    eps: float = 0.05  # SM relative-error threshold
+    dead_zone: float = 0.02
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    hidden: int = 128
+    batch_size: int = 4
+    seq_len: int = 128
+    loss_batches: int = 2  # fixed batches that define a configuration's "true" loss
+    p_full: float = 0.33  # joint stage
+    seed: int = 0
+
+
+def one_hot_config(cfg: Config, mlp: list[int], heads: list[int]) -> torch.Tensor:
+    """(L * (K + J),) concatenated per-layer one-hots: the SM's input for a hard configuration."""
+    v = torch.zeros(len(cfg), len(mlp) + len(heads))
+    for i, (m, h) in enumerate(cfg):
+        v[i, mlp.index(m)] = 1
+        v[i, len(mlp) + heads.index(h)] = 1
+    return v.flatten()
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        for rank, i in enumerate(order):
+            r[i] = float(rank)
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else 0.0
+
+
+class LossOracle:
+    """A configuration's LM loss on fixed batches, cached (the LLM is frozen during SM/router stages)."""
+
+    def __init__(self, elastic: ElasticModel, batches: torch.Tensor):
+        self.elastic, self.batches, self.cache = elastic, batches, {}
+
+    def __call__(self, cfg: Config) -> float:
+        key = tuple(cfg)
+        if key not in self.cache:
+            with self.elastic.configured(cfg):
+                self.cache[key] = mean_loss(self.elastic.model, self.batches)
+        return self.cache[key]
+
+
+def sample_config(spec, rng: random.Random) -> Config:
+    """Half per-layer random, half uniform (so the SM sees the whole latency range)."""
+    if rng.random() < 0.5:
+        k, j = rng.randrange(len(spec.layers[0].mlp)), rng.randrange(len(spec.layers[0].heads))
+        return [(lc.mlp[k], lc.heads[j]) for lc in spec.layers]
+    return [(rng.choice(lc.mlp), rng.choice(lc.heads)) for lc in spec.layers]
+
+
+@dataclass
+class SMState:
+    sm: Surrogate
+    opt: torch.optim.Optimizer
+    xs: list[torch.Tensor] = field(default_factory=list)
+    ys: list[float] = field(default_factory=list)
+
+    def fit(self, steps: int, g: torch.Generator, batch: int = 64) -> float:
+        x, y = torch.stack(self.xs), torch.tensor(self.ys)
+        loss = torch.tensor(0.0)
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.ys), (min(batch, len(self.ys)),), generator=g)
+            loss = nn.functional.mse_loss(self.sm(x[idx]), y[idx])
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+        return loss.item()
+
+
+def tau_at(step: int, total: int, h: RouterHyper) -> float:
+    return h.tau_start * (h.tau_end / h.tau_start) ** (step / max(1, total - 1))
+
+
+def train_static(spec, table: LatencyTable, targets: list[float], oracle, sm: SMState, h: RouterHyper,
+                 rep: Reporter) -> tuple[StaticRouter, dict[str, Any]]:
+    """Train the static router through the SM (oracle(cfg) -> true loss); returns it and statistics."""
+    L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
+    torch.manual_seed(h.seed)
+    router = StaticRouter(len(targets), L, K, J, h.hidden)
+    opt = torch.optim.Adam(router.parameters(), lr=h.lr)
+    g = torch.Generator().manual_seed(h.seed + 7)
+    updates, errs = 0, []
+    with rep.task("static router (through the surrogate)", total=h.steps) as task:
+        for step in range(h.steps):
+            t = step % len(targets)
+            budget = torch.eye(len(targets))[t][None]
+            scale = 1 + 9 * step / max(1, h.steps - 1)  # logits scale 1 -> 10 [S2]
+            lm, lh = router(budget)
+            pm = gumbel_probs(lm[0] * scale, tau_at(step, h.steps, h), g)  # (L, K)
+            ph = gumbel_probs(lh[0] * scale, tau_at(step, h.steps, h), g)  # (L, J)
+            cfg = [(spec.layers[i].mlp[k], spec.layers[i].heads[j])
+                   for i, (k, j) in enumerate(zip(pm.argmax(-1).tolist(), ph.argmax(-1).tolist()))]
+            l_true = oracle(cfg)
+            x = torch.cat([pm, ph], dim=-1).flatten()
+            sm.xs.append(x.detach())
+            sm.ys.append(l_true)
+            sm.fit(2, g)
+            pred = sm.sm(x[None])[0]
+            err = abs(pred.item() - l_true) / l_true
+            errs.append(err)
+            if err < h.eps:
+                lat = table.expected(list(pm), list(ph))
+                loss = pred + h.lam * latency_loss(lat, torch.tensor(targets[t]), h.dead_zone)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                updates += 1
+            task.advance(1, updates=updates)
+    return router, {"router_updates": updates, "steps": h.steps, "mean_sm_rel_err": sum(errs) / len(errs)}
+
+
+def static_config(router: StaticRouter, spec, targets: list[float], budget_ms: float) -> Config:
+    """argmax per layer of the static router at `budget_ms` (interpolated between trained targets)."""
+    with torch.no_grad():
+        lm, lh = router(encode_budget(budget_ms, targets)[None])
+    return [(spec.layers[i].mlp[k], spec.layers[i].heads[j])
+            for i, (k, j) in enumerate(zip(lm[0].argmax(-1).tolist(), lh[0].argmax(-1).tolist()))]
+
+
+def train_dynamic(elastic: ElasticModel, table: LatencyTable, targets: list[float], tokens: torch.Tensor,
+                  sm: SMState, h: RouterHyper, rep: Reporter) -> tuple[DynamicRouter, dict[str, Any]]:
+    """Train the input-adaptive router through the same SM (probabilities averaged over tokens)."""
+    from .dynamic import DynamicRuntime
+    from .train import sample_batch
+
+    spec = elastic.spec
+    L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
+    torch.manual_seed(h.seed + 1)
+    router = DynamicRouter(len(targets), L, spec.dims.hidden_size, K, J)
+    opt = torch.optim.Adam(router.parameters(), lr=h.lr)
+    g = torch.Generator().manual_seed(h.seed + 11)
+    rt = DynamicRuntime(elastic, router)
+    rt.soft, rt.generator = True, g
+    model = elastic.model
+    model.requires_grad_(False)
+    updates, errs = 0, []
+    try:
+        with rep.task("input-adaptive router (through the surrogate)", total=h.dynamic_steps) as task:
+            for step in range(h.dynamic_steps):
+                t = step % len(targets)
+                x = sample_batch(tokens, h.batch_size, h.seq_len, g)
+                rt.budget = torch.eye(len(targets))[t][None].expand(x.shape[0], -1)
+                rt.tau = tau_at(step, h.dynamic_steps, h)
+                rt.records, rt.choices = [], []
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+                l_true = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).item()
+                pm = [r[0].mean(dim=(0, 1)) for r in rt.records]  # (K,) per layer
+                ph = [r[1].mean(dim=0) for r in rt.records]  # (J,) per layer
+                feat = torch.cat([torch.stack(pm), torch.stack(ph)], dim=-1).flatten()
+                sm.xs.append(feat.detach())
+                sm.ys.append(l_true)
+                sm.fit(2, g)
+                pred = sm.sm(feat[None])[0]
+                err = abs(pred.item() - l_true) / l_true
+                errs.append(err)
+                if err < h.eps:
+                    lat = table.expected(pm, ph)
+                    loss = pred + h.lam * latency_loss(lat, torch.tensor(targets[t]), h.dead_zone)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    updates += 1
+                task.advance(1, updates=updates)
+    finally:
+        rt.close()
+        model.requires_grad_(True)
+    return router, {"router_updates": updates, "steps": h.dynamic_steps, "mean_sm_rel_err": sum(errs) / len(errs)}
+
+
+@torch.no_grad()
+def eval_dynamic(elastic: ElasticModel, router: DynamicRouter, table: LatencyTable, targets: list[float],
+                 budget_ms: float, seqs: torch.Tensor, batch: int = 8) -> tuple[float, float]:
+    """(held-out mean loss, mean predicted latency) of input-adaptive routing at `budget_ms`.
+
+    Latency per sequence = fixed + sum over layers of the mean over its tokens of entry[mlp_t][heads_seq].
+    """
+    from .dynamic import DynamicRuntime
+
+    rt = DynamicRuntime(elastic, router)
+    total, count, lat = 0.0, 0, []
+    try:
+        for b in range(0, seqs.shape[0], batch):
+            x = seqs[b: b + batch]
+            rt.budget = encode_budget(budget_ms, targets)[None].expand(x.shape[0], -1)
+            rt.choices = []
+            logits = elastic.model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="sum").item()
+            count += x[:, 1:].numel()
+            for s in range(x.shape[0]):
+                ms = table.fixed_ms
+                for i, (km, kh) in enumerate(rt.choices):
+                    ms += sum(table.ms[i][k][int(kh[s])] for k in km[s].tolist()) / km.shape[1]
+                lat.append(ms * table.scale)
+    finally:
+        rt.close()
+    return total / count, sum(lat) / len(lat)
+
+
+def train_joint(elastic: ElasticModel, router: StaticRouter, table: LatencyTable, targets: list[float],
+                tokens: torch.Tensor, h: RouterHyper, rep: Reporter) -> dict[str, Any]:
+    """Fine-tune LLM and static router together: CE at the router's argmax configuration, outputs gated
+    by the chosen probabilities (straight-through), plus the latency loss; full model with p_full."""
+    from .train import sample_batch
+
+    spec, model = elastic.spec, elastic.model
+    mlp_name = elastic.arch.tap("neuron").rsplit(".", 1)[0]
+    attn_name = elastic.arch.tap("qhead").rsplit(".", 1)[0]
+    gates: list[list[torch.Tensor | None]] = [[None, None] for _ in elastic.layers]
+
+    def gate_hook(i: int, which: int):
+        def hook(_m, _inp, out):
+            g = gates[i][which]
+            if g is None:
+                return out
+            return (out[0] * g, *out[1:]) if isinstance(out, tuple) else out * g
+        return hook
+
+    hooks = [getattr(layer, name).register_forward_hook(gate_hook(i, w))
+             for i, layer in enumerate(elastic.layers) for w, name in ((0, mlp_name), (1, attn_name))]
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": h.joint_lr, "weight_decay": 0.0},
+                             {"params": router.parameters(), "lr": h.lr}])
+    g = torch.Generator().manual_seed(h.seed + 13)
+    rng = random.Random(h.seed + 13)
+    model.train()
+    losses = []
+    try:
+        with rep.task("joint fine-tuning (LLM + static router)", total=h.joint_steps) as task:
+            for step in range(h.joint_steps):
+                x = sample_batch(tokens, h.batch_size, h.seq_len, g)
+                if rng.random() < h.p_full:
+                    elastic.set_config(None)
+                    for gg in gates:
+                        gg[0] = gg[1] = None
+                    lat_loss = torch.tensor(0.0)
+                else:
+                    t = step % len(targets)
+                    lm, lh = router(torch.eye(len(targets))[t][None])
+                    pm, ph = gumbel_probs(lm[0] * 10, h.tau_end, g), gumbel_probs(lh[0] * 10, h.tau_end, g)
+                    km, kh = pm.argmax(-1), ph.argmax(-1)
+                    elastic.set_config([(spec.layers[i].mlp[k], spec.layers[i].heads[j])
+                                        for i, (k, j) in enumerate(zip(km.tolist(), kh.tolist()))])
+                    for i in range(len(gates)):
+                        sm_, sh_ = pm[i, km[i]], ph[i, kh[i]]
+                        gates[i][0], gates[i][1] = sm_ / sm_.detach(), sh_ / sh_.detach()
+                    lat_loss = latency_loss(table.expected(list(pm), list(ph)), torch.tensor(targets[t]), h.dead_zone)
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+                ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+                loss = ce + h.lam * lat_loss
+                opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(ce.item())
+                task.advance(1, loss=f"{ce.item():.3f}")
+    finally:
+        for hk in hooks:
+            hk.remove()
+        elastic.set_config(None)
+        model.eval()
+    return {"steps": h.joint_steps, "final_ce": sum(losses[-10:]) / max(1, len(losses[-10:]))}

@@ -1,0 +1,191 @@
+"""Routers: shapes, budget interpolation, SM training and static-router budget adherence on a synthetic
+latency table, the full budget, and the input-adaptive runtime against a per-token reference."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import make_model, rel_err
+from transformers import AutoModelForCausalLM
+
+from flexcli.arch import Dims, detect
+from flexcli.budget import parse_budget, parse_budgets
+from flexcli.dynamic import DynamicRuntime
+from flexcli.elastic import ElasticModel
+from flexcli.errors import UsageError
+from flexcli.latency import LatencyTable, Regime
+from flexcli.progress import Reporter
+from flexcli.router import DynamicRouter, StaticRouter, Surrogate, encode_budget
+from flexcli.router_train import (
+    RouterHyper,
+    SMState,
+    one_hot_config,
+    sample_config,
+    spearman,
+    static_config,
+    train_static,
+)
+from flexcli.spec import ElasticSpec
+
+
+def test_budget_parsing():
+    assert parse_budget("40ms").value == 40 and parse_budget("0.04s").value == pytest.approx(40)
+    assert parse_budget("60%").kind == "fraction" and parse_budget("60%").value == 0.6
+    assert parse_budget("3.5B").value == 3.5e9 and parse_budget("3500M").value == 3.5e9
+    assert [b.value for b in parse_budgets("30ms, 40ms,60%")] == [30, 40, 0.6]
+    for bad in ("40", "ms", "-3ms", "40 parsecs", "150%", ""):
+        with pytest.raises(UsageError):
+            parse_budgets(bad)
+
+
+def test_budget_encoding_interpolates():
+    targets = [10.0, 20.0, 40.0]
+    assert encode_budget(20.0, targets).tolist() == [0, 1, 0]
+    assert encode_budget(30.0, targets).tolist() == pytest.approx([0, 0.5, 0.5])
+    assert encode_budget(5.0, targets).tolist() == [1, 0, 0]
+    assert encode_budget(99.0, targets).tolist() == [0, 0, 1]
+
+
+def test_router_shapes():
+    r = StaticRouter(3, 4, 7, 4)
+    lm, lh = r(torch.eye(3))
+    assert lm.shape == (3, 4, 7) and lh.shape == (3, 4, 4)
+    d = DynamicRouter(3, 4, 64, 7, 4)
+    tm, sh = d.layer_logits(1, torch.randn(2, 5, 64), torch.eye(3)[:2])
+    assert tm.shape == (2, 5, 7) and sh.shape == (2, 4)
+    assert Surrogate(4 * 11)(torch.rand(5, 44)).shape == (5,)
+
+
+def _synthetic():
+    """4 layers; latency linear in width; 'loss' falls with width, more in early layers."""
+    dims = Dims(4, 64, 256, 8, 8, 8, 100, False)
+    spec = ElasticSpec.build("llama", dims, [1, .875, .75, .625, .5, .375, .25], [1, .75, .5, .25], 32, "group")
+    mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
+    ms = [[[0.02 * m / 32 + 0.1 * h for h in heads] for m in mlp] for _ in range(4)]
+    table = LatencyTable(Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.5, [mlp] * 4,
+                         [heads] * 4, ms)
+    weight = [1.0, 0.7, 0.5, 0.3]
+
+    def oracle(cfg):
+        return 3.0 + sum(w * (1 - m / 256) + 0.5 * w * (1 - h / 8) for w, (m, h) in zip(weight, cfg))
+    return spec, table, oracle
+
+
+def test_sm_learns_and_static_router_meets_budgets():
+    spec, table, oracle = _synthetic()
+    mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
+    rng = random.Random(0)
+    sm = SMState(Surrogate(4 * (len(mlp) + len(heads))), None)
+    sm.opt = torch.optim.Adam(sm.sm.parameters(), lr=1e-3)
+    for _ in range(256):
+        cfg = sample_config(spec, rng)
+        sm.xs.append(one_hot_config(cfg, mlp, heads))
+        sm.ys.append(oracle(cfg))
+    sm.fit(600, torch.Generator().manual_seed(0))
+    held = [sample_config(spec, rng) for _ in range(48)]
+    with torch.no_grad():
+        pred = sm.sm(torch.stack([one_hot_config(c, mlp, heads) for c in held])).tolist()
+    assert spearman(pred, [oracle(c) for c in held]) >= 0.8
+
+    full = table.full_ms()
+    targets = [0.45 * full, 0.6 * full, 0.8 * full]
+    router, stats = train_static(spec, table, targets, oracle, sm, RouterHyper(steps=400), Reporter())
+    assert stats["router_updates"] > 0
+    for t in targets:
+        lat = table.predict(static_config(router, spec, targets, t))
+        assert lat <= 1.05 * t, (t, lat)
+        assert lat >= 0.95 * t, (t, lat)
+
+
+def test_spearman():
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+@pytest.fixture
+def tiny_elastic(tmp_path, tokenizer_dir):
+    path = make_model(tmp_path / "m", tokenizer_dir, "llama", 8, 4, hidden=64, layers=3, inter=128)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg = model.config.to_dict()
+    spec = ElasticSpec.build("llama", Dims.from_config(cfg), [1, .75, .5, .25], [1, .5, .25], 32, "group")
+    return ElasticModel(model, detect(cfg), spec)
+
+
+def _masked_reference(el: ElasticModel, x, choices):
+    """Per-token MLP width / per-sequence heads by masking intermediate activations and head outputs."""
+    spec, d = el.spec, el.spec.dims
+    mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
+    hooks = []
+    for i, layer in enumerate(el.layers):
+        km, kh = choices[i]
+        widths = torch.tensor(mlp)[km]  # (B, S)
+        nmask = (torch.arange(d.intermediate_size)[None, None, :] < widths[..., None]).float()
+        hcount = torch.tensor(heads)[kh]  # (B,)
+        hmask = (torch.arange(d.num_heads)[None, :] < hcount[:, None]).float().repeat_interleave(d.head_dim, -1)
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, nm=nmask: (a[0] * nm,)))
+        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, hm=hmask: (a[0] * hm[:, None, :],)))
+    try:
+        with torch.no_grad():
+            return el.model(input_ids=x).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_input_adaptive_runtime_equals_per_token_reference(tiny_elastic):
+    el = tiny_elastic
+    spec = el.spec
+    torch.manual_seed(0)
+    router = DynamicRouter(2, spec.dims.num_layers, spec.dims.hidden_size, len(spec.layers[0].mlp),
+                           len(spec.layers[0].heads), init_std=1.0)
+    x = torch.randint(0, spec.dims.vocab_size, (3, 11))
+    rt = DynamicRuntime(el, router)
+    rt.budget = torch.tensor([[1.0, 0.0]]).expand(3, -1)
+    with torch.no_grad():
+        got = el.model(input_ids=x, use_cache=False).logits
+    choices = list(rt.choices)
+    rt.close()
+    assert len(choices) == spec.dims.num_layers
+    assert any(len(torch.unique(km)) > 1 for km, _ in choices)  # really mixed widths within a batch
+    want = _masked_reference(el, x, choices)
+    assert rel_err(got, want) <= 1e-5
+    with torch.no_grad():  # closed: back to the plain elastic model
+        assert rel_err(el.model(input_ids=x).logits, _masked_reference(el, x, [
+            (torch.zeros(3, 11, dtype=torch.long), torch.zeros(3, dtype=torch.long))] * 3)) <= 1e-6
+
+
+def test_train_router_cli_end_to_end(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flexcli.cli import app
+    from flexcli.convert import ConvertOptions, convert
+    from flexcli.latency import save_table
+
+    src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 4, hidden=64, layers=2, inter=128)
+    el = convert(str(src), tmp_path / "el", ConvertOptions(calib=str(calib_file), calib_samples=2, seq_len=32,
+                                                           device="cpu")).output
+    spec = ElasticSpec.from_dict(json.loads((tmp_path / "el" / "flex_elastic.json").read_text())["spec"])
+    mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
+    table = LatencyTable(Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.2, [mlp] * 2,
+                         [heads] * 2, [[[0.01 * m / 16 + 0.1 * h for h in heads] for m in mlp]] * 2)
+    save_table(tmp_path / "el", table)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train-router", el, "--budgets", "50%,80%,100%", "--steps", "40", "--dynamic-steps", "8",
+                              "--sm-warmup", "16", "--seq-len", "32", "--data", str(calib_file), "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert {"budget_ms", "lut_latency_ms", "ppl", "uniform_ppl", "dynamic_ppl", "dynamic_mean_latency_ms"} <= set(doc["budgets"][0])
+    assert "sm_spearman" in doc
+    full = doc["budgets"][-1]
+    assert [c["mlp"] for c in full["config"]] == [mlp[0]] * 2  # 100% is the full model exactly
+    assert (tmp_path / "el" / "flex_routers.safetensors").exists()
+    low = runner.invoke(app, ["train-router", el, "--budgets", "0.001ms"])
+    assert low.exit_code == 3 and "smallest" in low.stderr
+    bad = runner.invoke(app, ["train-router", el, "--budgets", "40"])
+    assert bad.exit_code == 2 and "unit" in bad.stderr
+    missing = runner.invoke(app, ["train-router", el, "--regime", "cuda"])
+    assert missing.exit_code == 2 and "flex profile" in missing.stderr
