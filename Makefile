@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow bench-train bench-profile demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow bench-train bench-profile bench-router demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ bench-train: install
 
 bench-profile: install
 	$(BIN)/python bench/bench_profile.py
+
+bench-router: install
+	$(BIN)/python bench/bench_router.py
 
 demo: install
 	$(BIN)/python -m flexcli.demo

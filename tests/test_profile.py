@@ -44,7 +44,14 @@ def test_profile_writes_versioned_table_and_validation(elastic):
     assert v["n"] == 4 and v["regime"] == res.regime
     pred = [c["predicted_ms"] for c in v["configs"]]
     meas = [c["measured_ms"] for c in v["configs"]]
-    assert v == {**validation_stats(pred, meas), "regime": res.regime, "configs": v["configs"]}
+    refs = [c["full_model_ms_before"] for c in v["configs"]]
+    assert {k: v[k] for k in validation_stats(pred, meas)} == validation_stats(pred, meas)
+    assert v["reference_drift"] == pytest.approx(max(refs) / min(refs) - 1)
+    full = t.predict(t_full := [(m[0], h[0]) for m, h in zip(t.mlp, t.heads)], corrected=False)
+    cfgs = [[(x["mlp"], x["heads"]) for x in c["config"]] for c in v["configs"]]
+    assert v["drift_normalized"] == validation_stats([t.predict(c, corrected=False) for c in cfgs],
+                                                     [m * full / r for m, r in zip(meas, refs)])
+    assert t_full == [(128, 4)] * 2
     for c in v["configs"]:  # every stored prediction is the table's additive model
         cfg = [(x["mlp"], x["heads"]) for x in c["config"]]
         assert c["predicted_ms"] == pytest.approx(t.predict(cfg))

@@ -72,7 +72,22 @@ def main() -> None:
           f"({half:.2f} vs {half_r:.2f}); elastic training brings it to {half_t:.2f}.")
     full0, full1 = pre["heldout_ppl"], after["full"]["ppl"]
     print(f"full model: {full0:.2f} before, {full1:.2f} after elastic training ({full1 / full0 - 1:+.1%}).")
-    print(f"elastic checkpoint: {imp['output']}   ({time.time() - t0:.0f}s)")
+
+    el = imp["output"]
+    prof = flex("profile", el, "--seq-len", "128", "--validate", "10", "--correct", "3", cwd=d)
+    v = prof["validation"]
+    print(f"\nlatency table ({prof['regime']}): full {prof['full_ms']:.2f} ms, smallest {prof['smallest_ms']:.2f} ms; "
+          f"{v['n']} random per-layer configurations: {v['within_10pct']:.0%} within ±10% of measured "
+          f"(p90 |err| {v['p90_abs_err']:.1%}, mean {v['mean_signed_err']:+.1%})")
+    rt = flex("train-router", el, "--budgets", "40%,55%,70%,85%", "--joint-steps", "40", cwd=d)
+    print(f"\nrouters (surrogate Spearman {rt['sm_spearman']:.2f} on held-out configurations); held-out ppl:\n")
+    print(f"{'budget':>7} {'ms':>7} {'LUT ms':>7} {'static':>8} {'uniform':>8} {'adaptive':>9} {'adapt ms':>9} {'joint':>7}")
+    for b in rt["budgets"]:
+        dyn = f"{b['dynamic_ppl']:>9.2f} {b['dynamic_mean_latency_ms']:>9.2f}" if b["dynamic_ppl"] else f"{'-':>9} {'-':>9}"
+        joint = f"{b['joint_ppl']:>7.2f}" if b["joint_ppl"] else f"{'-':>7}"
+        print(f"{b['budget']:>7} {b['budget_ms']:>7.2f} {b['lut_latency_ms']:>7.2f} {b['ppl']:>8.2f} "
+              f"{b['uniform_ppl']:>8.2f} {dyn} {joint}")
+    print(f"\nelastic checkpoint: {el}   ({time.time() - t0:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ class LatencyTable:
         p_mlp[l]: (..., K_l) over self.mlp[l]; p_heads[l]: (..., J_l) over self.heads[l].
         """
         total = torch.as_tensor(self.fixed_ms, dtype=p_mlp[0].dtype, device=p_mlp[0].device)
-        for l, (pm, ph) in enumerate(zip(p_mlp, p_heads)):
-            table = torch.as_tensor(self.ms[l], dtype=pm.dtype, device=pm.device)  # (K, J)
+        for i, (pm, ph) in enumerate(zip(p_mlp, p_heads)):
+            table = torch.as_tensor(self.ms[i], dtype=pm.dtype, device=pm.device)  # (K, J)
             total = total + torch.einsum("...k,kj,...j->...", pm, table, ph)
         return total * self.scale
 

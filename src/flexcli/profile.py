@@ -235,10 +235,16 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
                   "fit": o.fit, "raw_ms": raw}
         table = LatencyTable(regime, header, fixed.ms, [list(mlp)] * L, [list(heads)] * L, [ms] * L, [spread] * L)
 
-        def measure(cfgs: list[Config], what: str) -> list[float]:
+        full_sub = sliced_model(model, arch, spec, spec.full())
+        full_fn = runner.model_fn(full_sub)
+
+        def measure(cfgs: list[Config], what: str, refs: list[float] | None = None) -> list[float]:
+            """End-to-end ms per configuration; with `refs`, also the full model timed just before each."""
             out = []
             with rep.task(what, total=len(cfgs)) as task:
                 for cfg in cfgs:
+                    if refs is not None:
+                        refs.append(time_fn(full_fn, runner.sync, o, max_spread).ms)
                     sub = sliced_model(model, arch, spec, cfg)
                     out.append(time_fn(runner.model_fn(sub), runner.sync, o, max_spread).ms)
                     del sub
@@ -253,11 +259,19 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
             table.header["correction"] = {"n": o.correct, "scale": table.scale}
         if o.validate:
             cfgs = random_configs(spec, o.validate, o.seed + 2)
-            meas = measure(cfgs, f"validation ({o.validate} configurations)")
+            refs: list[float] = []
+            meas = measure(cfgs, f"validation ({o.validate} configurations)", refs)
             pred = [table.predict(c) for c in cfgs]
+            # The same errors with each measurement rescaled by the machine's speed at that moment (the
+            # full model timed just before it, relative to the table's full model): separates the
+            # latency model's error from the machine drifting while it is measured.
+            full_pred = table.predict(spec.full(), corrected=False)
+            norm = [m * full_pred / r for m, r in zip(meas, refs)]
             table.validation = {**validation_stats(pred, meas), "regime": regime.key,
-                                "configs": [{"config": config_to_json(c), "predicted_ms": p, "measured_ms": m}
-                                            for c, p, m in zip(cfgs, pred, meas)]}
+                                "reference_drift": max(refs) / min(refs) - 1,
+                                "drift_normalized": validation_stats([table.predict(c, corrected=False) for c in cfgs], norm),
+                                "configs": [{"config": config_to_json(c), "predicted_ms": p, "measured_ms": m,
+                                             "full_model_ms_before": r} for c, p, m, r in zip(cfgs, pred, meas, refs)]}
     save_table(path, table)
     uniform = [{"mlp": m, "heads": h, "layer_ms": ms[i][j], "spread": spread[i][j]}
                for i, m in enumerate(mlp) for j, h in enumerate(heads)]
