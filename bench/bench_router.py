@@ -23,7 +23,7 @@ def main() -> None:
     el = ROOT / "demo" / "base-elastic"
     if not (el / "flex_latency.json").exists():
         sys.exit("bench_router: run `make demo` first (it builds demo/base-elastic and its latency table)")
-    budgets = "35%,45%,55%,65%,75%,85%"
+    budgets = "52%,60%,68%,76%,84%,92%"
     cmd = [sys.executable, "-m", "flexcli", "train-router", str(el), "--budgets", budgets, "--joint-steps", "60",
            "--steps", "400", "--json"]
     print("$ flex", " ".join(cmd[3:]), file=sys.stderr)

@@ -335,6 +335,68 @@ def train_router_cmd(
     run(work, as_json, render)
 
 
+@app.command()
+def extract(
+    elastic: ElasticArg = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output directory [default: ./NAME-BUDGET]; with several budgets, the parent of one directory per budget.")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="40ms, 0.04s, 60% (of the full latency) or 3.5B / 3500M parameters; comma-separated for several.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="JSON per-layer configuration: [{mlp, heads}, ...].")] = None,
+    uniform: Annotated[str | None, typer.Option("--uniform", help="The same fractions in every layer, e.g. mlp=0.5,heads=0.75.")] = None,
+    regime: Annotated[str | None, typer.Option("--regime", help="Latency-table regime key (or a unique part of it) [default: newest].")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, stock (uniform only) or flex (per-layer sizes).")] = "auto",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
+    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Check logits against the elastic model and measure latency [default: on when the model fits comfortably in RAM].")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Slice a standalone sub-model for a budget that loads with stock transformers."""
+    from .checkpoint import parse_size
+    from .extract import extract as do_extract
+
+    def work(rep: Reporter):
+        return do_extract(_elastic_arg(elastic), output, budget, config, uniform, regime, fmt,
+                          parse_size(max_shard_size), verify, force, rep)
+
+    def render(r) -> None:
+        for m in r.models:
+            typer.echo(m.output)
+        rows = []
+        for m in r.models:
+            mlp = [c["mlp"] for c in m.config]
+            heads = [c["heads"] for c in m.config]
+            rows.append([m.budget or "-", m.format + (" (remote code)" if m.needs_remote_code else ""),
+                         " ".join(f"{a}/{b}" for a, b in zip(mlp, heads)), f"{m.params / 1e6:.2f}M",
+                         "-" if m.predicted_latency_ms is None else f"{m.predicted_latency_ms:.3f}",
+                         "-" if m.measured_latency_ms is None else f"{m.measured_latency_ms:.3f}", m.method])
+        _table("extracted", ["budget", "format", "mlp/heads per layer", "params", "predicted ms", "measured ms", "chosen by"],
+               rows)
+
+    run(work, as_json, render)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A model directory (extracted, source, or elastic).")],
+    data: Annotated[str, typer.Option("--data", help="Text: file, directory, JSONL (text field) or 'stdlib' (held-out split).")] = "stdlib",
+    budget: Annotated[str | None, typer.Option("--budget", help="Elastic checkpoints: budgets to evaluate (as for extract).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Elastic checkpoints: a JSON per-layer configuration.")] = None,
+    uniform: Annotated[str | None, typer.Option("--uniform", help="Elastic checkpoints: mlp=F,heads=F.")] = None,
+    regime: Annotated[str | None, typer.Option("--regime")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1)] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 256,
+    as_json: JsonOpt = False,
+) -> None:
+    """Held-out perplexity of a model, or of an elastic checkpoint at budgets / configurations."""
+    from .evalcmd import evaluate
+
+    def render(r) -> None:
+        _table(f"held-out perplexity ({r.tokens:,} tokens of {r.data})", ["model", "params", "predicted ms", "ppl"],
+               [[x["name"], f"{x['params'] / 1e6:.2f}M", "-" if x["predicted_latency_ms"] is None else f"{x['predicted_latency_ms']:.3f}",
+                 f"{x['ppl']:.3f}"] for x in r.rows])
+
+    run(lambda rep: evaluate(model, data, budget, config, uniform, regime, samples, seq_len, rep), as_json, render)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

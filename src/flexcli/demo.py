@@ -79,7 +79,7 @@ def main() -> None:
     print(f"\nlatency table ({prof['regime']}): full {prof['full_ms']:.2f} ms, smallest {prof['smallest_ms']:.2f} ms; "
           f"{v['n']} random per-layer configurations: {v['within_10pct']:.0%} within ±10% of measured "
           f"(p90 |err| {v['p90_abs_err']:.1%}, mean {v['mean_signed_err']:+.1%})")
-    rt = flex("train-router", el, "--budgets", "40%,55%,70%,85%", "--joint-steps", "40", cwd=d)
+    rt = flex("train-router", el, "--budgets", "55%,65%,75%,88%", "--joint-steps", "40", cwd=d)
     print(f"\nrouters (surrogate Spearman {rt['sm_spearman']:.2f} on held-out configurations); held-out ppl:\n")
     print(f"{'budget':>7} {'ms':>7} {'LUT ms':>7} {'static':>8} {'uniform':>8} {'adaptive':>9} {'adapt ms':>9} {'joint':>7}")
     for b in rt["budgets"]:

@@ -1,0 +1,150 @@
+"""`flex extract` and `flex eval`: extracted == elastic at the configuration, stock loading of uniform
+outputs in a process that never imports flexcli, the remote-code path, budget resolution and edges."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model, rel_err
+from typer.testing import CliRunner
+
+from flexcli.cli import app
+from flexcli.convert import ConvertOptions, convert
+from flexcli.elastic import load_elastic
+from flexcli.latency import LatencyTable, Regime, save_table
+from flexcli.spec import ElasticSpec, config_from_json
+
+runner = CliRunner()
+
+FRESH = r"""
+import sys, json, torch
+from transformers import AutoModelForCausalLM
+sub, remote = sys.argv[1], sys.argv[2] == "1"
+m = AutoModelForCausalLM.from_pretrained(sub, dtype=torch.float32, trust_remote_code=remote).eval()
+x = torch.randint(0, m.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    logits = m(input_ids=x).logits
+assert "flexcli" not in sys.modules
+torch.save(logits, sys.argv[3])
+print(json.dumps({"class": type(m).__name__, "params": sum(p.numel() for p in m.parameters())}))
+"""
+
+
+def _elastic(tmp_path, tokenizer_dir, calib_file, family="mistral", heads=8, kv=2, tied=False):
+    src = make_model(tmp_path / "src", tokenizer_dir, family, heads, kv, tied=tied, hidden=64, layers=3, inter=128)
+    el = Path(convert(str(src), tmp_path / "el", ConvertOptions(calib=str(calib_file), calib_samples=2, seq_len=32,
+                                                                device="cpu")).output)
+    spec = ElasticSpec.from_dict(json.loads((el / "flex_elastic.json").read_text())["spec"])
+    mlp, heads_ = spec.layers[0].mlp, spec.layers[0].heads
+    table = LatencyTable(Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.2, [mlp] * 3, [heads_] * 3,
+                         [[[0.01 * m / 16 + 0.1 * h for h in heads_] for m in mlp]] * 3)
+    save_table(el, table)
+    return el, spec, table
+
+
+def _reference(el: Path, cfg) -> torch.Tensor:
+    e = load_elastic(el)
+    x = torch.randint(0, e.spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), e.configured(cfg):
+        return e(input_ids=x).logits
+
+
+def _fresh(sub: Path, remote: bool, tmp_path) -> tuple[dict, torch.Tensor]:
+    out = tmp_path / "logits.pt"
+    p = subprocess.run([sys.executable, "-c", FRESH, str(sub), "1" if remote else "0", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout), torch.load(out)
+
+
+@pytest.mark.parametrize("family,heads,kv,tied", [("mistral", 8, 2, False), ("qwen2", 4, 4, True),
+                                                  ("llama", 8, 4, False)])
+def test_uniform_extract_is_stock_and_matches(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied):
+    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied)
+    res = runner.invoke(app, ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"),
+                              "--json"])
+    assert res.exit_code == 0, res.stderr
+    m = json.loads(res.stdout)["models"][0]
+    assert m["format"] == "stock" and m["needs_remote_code"] is False
+    cfg = config_from_json(m["config"])
+    info, logits = _fresh(tmp_path / "sub", False, tmp_path)
+    assert info["class"].endswith("ForCausalLM") and not info["class"].startswith("Flex")
+    assert info["params"] == m["params"]  # counted from the tensors written (biases and tying included)
+    assert rel_err(logits, _reference(el, cfg)) <= 1e-5
+    assert m["verified_max_rel_err"] <= 1e-5 and m["measured_latency_ms"] is None  # synthetic-regime table
+
+
+def test_per_layer_extract_needs_remote_code_or_flexcli(tmp_path, tokenizer_dir, calib_file):
+    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "mistral", 8, 2)
+    cfg = [(spec.layers[0].mlp[0], spec.layers[0].heads[-1]), (spec.layers[1].mlp[-1], spec.layers[1].heads[0]),
+           (spec.layers[2].mlp[2], spec.layers[2].heads[1])]
+    cfile = tmp_path / "cfg.json"
+    cfile.write_text(json.dumps([{"mlp": m, "heads": h} for m, h in cfg]))
+    res = runner.invoke(app, ["extract", str(el), "--config", str(cfile), "-o", str(tmp_path / "sub"), "--json"])
+    assert res.exit_code == 0, res.stderr
+    m = json.loads(res.stdout)["models"][0]
+    assert m["format"] == "flex" and m["needs_remote_code"] is True
+    assert (tmp_path / "sub" / "modeling_flexcli.py").exists()
+    want = _reference(el, cfg)
+    info, logits = _fresh(tmp_path / "sub", True, tmp_path)  # trust_remote_code, no flexcli import
+    assert info["class"] == "FlexMistralForCausalLM" and info["params"] == m["params"]
+    assert rel_err(logits, want) <= 1e-5
+    # in a process that imported flexcli: no remote code needed
+    from transformers import AutoModelForCausalLM
+
+    import flexcli
+
+    flexcli.register_auto_classes()
+    local = AutoModelForCausalLM.from_pretrained(tmp_path / "sub", dtype=torch.float32).eval()
+    x = torch.randint(0, spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel_err(local(input_ids=x).logits, want) <= 1e-5
+
+
+def test_budgets_search_edges_and_many(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    el, spec, table = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["extract", str(el), "--budget", "60%,1.5ms,120K", "-o", str(tmp_path / "many"),
+                              "--json", "--no-verify"])
+    assert res.exit_code == 0, res.stderr
+    models = json.loads(res.stdout)["models"]
+    assert [Path(m["output"]).name for m in models] == ["60pct", "1.5ms", "120K"]
+    for m in models[:2]:
+        assert m["predicted_latency_ms"] <= m["budget_ms"] * (1 + 1e-9)
+        assert m["method"] == "importance search over the latency table"
+    assert models[0]["budget_ms"] == pytest.approx(0.6 * table.full_ms())
+    assert models[2]["params"] <= 120_000 and "parameter" in models[2]["method"]
+    low = runner.invoke(app, ["extract", str(el), "--budget", "0.01ms", "-o", str(tmp_path / "low")])
+    assert low.exit_code == 3 and "smallest" in low.stderr and not (tmp_path / "low").exists()
+    high = runner.invoke(app, ["extract", str(el), "--budget", "100ms", "-o", str(tmp_path / "high"), "--json",
+                               "--no-verify"])
+    assert high.exit_code == 0 and "at or above the full model" in high.stderr
+    assert json.loads(high.stdout)["models"][0]["config"] == [{"mlp": 128, "heads": 8}] * 3
+    (el / "flex_latency.json").unlink()
+    nolut = runner.invoke(app, ["extract", str(el), "--budget", "40ms", "-o", str(tmp_path / "x")])
+    assert nolut.exit_code == 2 and "flex profile" in nolut.stderr
+    for bad, needle in ((["--budget", "40"], "unit"), (["--uniform", "mlp=2"], "--uniform"), ([], "exactly one")):
+        r = runner.invoke(app, ["extract", str(el), *bad, "-o", str(tmp_path / "y")])
+        assert r.exit_code == 2 and needle in r.stderr, r.stderr
+
+
+def test_defaults_from_project_file_and_eval(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    el, spec, table = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 4, 4)  # records ./flex-project.json
+    res = runner.invoke(app, ["extract", "--budget", "70%", "--json"])  # as typed by a user: no ELASTIC, no -o
+    assert res.exit_code == 0, res.stderr
+    out = Path(json.loads(res.stdout)["models"][0]["output"])
+    assert out == tmp_path / "el-70pct" and (out / "flex_extract.json").exists()
+    ev = runner.invoke(app, ["eval", str(el), "--data", str(calib_file), "--budget", "70%", "--samples", "2",
+                             "--seq-len", "32", "--json"])
+    assert ev.exit_code == 0, ev.stderr
+    rows = json.loads(ev.stdout)["rows"]
+    assert [r["name"] for r in rows] == ["full", "70%"] and all(r["ppl"] > 1 for r in rows)
+    sub = runner.invoke(app, ["eval", str(out), "--data", str(calib_file), "--samples", "2", "--seq-len", "32", "--json"])
+    assert sub.exit_code == 0, sub.stderr
+    assert json.loads(sub.stdout)["rows"][0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-4)
