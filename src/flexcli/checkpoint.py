@@ -349,3 +349,96 @@ def update_dir(path: Path, writers: dict[str, Callable[[Path], None]]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+TORCH_TO_ST = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+
+
+@dataclass
+class ShardPlan:
+    """Where every output tensor goes: shard files, their headers and sizes, computed from shapes only."""
+
+    files: list[str]
+    headers: list[dict[str, Any]]  # per shard: name -> {dtype, shape, data_offsets}
+    sizes: list[int]  # bytes per shard file (header included)
+    shard_of: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+    @classmethod
+    def make(cls, tensors: list[tuple[str, str, list[int]]], max_shard_bytes: int) -> ShardPlan:
+        """tensors: (name, safetensors dtype, shape) in write order."""
+        groups: list[list[tuple[str, str, list[int], int]]] = [[]]
+        used = 0
+        for name, dtype, shape in tensors:
+            nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+            if groups[-1] and used + nbytes > max_shard_bytes:
+                groups.append([])
+                used = 0
+            groups[-1].append((name, dtype, list(shape), nbytes))
+            used += nbytes
+        n = len(groups)
+        files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        headers, sizes, shard_of = [], [], {}
+        for i, g in enumerate(groups):
+            off, h = 0, {"__metadata__": {"format": "pt"}}
+            for name, dtype, shape, nbytes in g:
+                h[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + nbytes]}
+                off += nbytes
+                shard_of[name] = i
+            headers.append(h)
+            sizes.append(8 + len(_header_bytes(h)) + off)
+        return cls(files, headers, sizes, shard_of)
+
+
+def _header_bytes(h: dict[str, Any]) -> bytes:
+    raw = json.dumps(h, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)
+
+
+class StreamingWriter:
+    """Write a ShardPlan tensor by tensor: each shard's header first, then bytes as tensors arrive, so the
+    working memory is one tensor (not one shard). Tensors must arrive in plan order."""
+
+    def __init__(self, out_dir: Path, plan: ShardPlan):
+        self.out_dir, self.plan = out_dir, plan
+        self._shard, self._fh = -1, None
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        i = self.plan.shard_of[name]
+        info = self.plan.headers[i][name]
+        if list(t.shape) != info["shape"] or TORCH_TO_ST.get(t.dtype) != info["dtype"]:
+            raise RuntimeFailure(f"tensor {name}: got {TORCH_TO_ST.get(t.dtype)} {list(t.shape)}, "
+                                 f"planned {info['dtype']} {info['shape']}")
+        if i != self._shard:
+            self._open(i)
+        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._fh.write(memoryview(data))
+
+    def _open(self, i: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._shard = i
+        self._fh = open(self.out_dir / self.plan.files[i], "wb")
+        hb = _header_bytes(self.plan.headers[i])
+        self._fh.write(struct.pack("<Q", len(hb)) + hb)
+
+    def close(self) -> list[str]:
+        if self._fh is not None:
+            self._fh.close()
+        for f, size in zip(self.plan.files, self.plan.sizes):
+            got = (self.out_dir / f).stat().st_size if (self.out_dir / f).exists() else -1
+            if got != size:
+                raise RuntimeFailure(f"{f}: wrote {got} bytes, planned {size}")
+        if len(self.plan.files) == 1:
+            return list(self.plan.files)
+        wmap = {name: self.plan.files[i] for name, i in self.plan.shard_of.items()}
+        total = sum(v["data_offsets"][1] - v["data_offsets"][0] for h in self.plan.headers
+                    for k, v in h.items() if k != "__metadata__")
+        write_json(self.out_dir / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))})
+        return [*self.plan.files, "model.safetensors.index.json"]

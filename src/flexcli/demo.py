@@ -87,6 +87,13 @@ def main() -> None:
         joint = f"{b['joint_ppl']:>7.2f}" if b["joint_ppl"] else f"{'-':>7}"
         print(f"{b['budget']:>7} {b['budget_ms']:>7.2f} {b['lut_latency_ms']:>7.2f} {b['ppl']:>8.2f} "
               f"{b['uniform_ppl']:>8.2f} {dyn} {joint}")
+    ex = flex("extract", el, "--budget", "65%,88%", "-o", str(d / "sub"), "--force", cwd=d)
+    print("\nextracted sub-models (load with stock transformers; verified against the elastic model):\n")
+    print(f"{'budget':>7} {'budget ms':>9} {'format':>6} {'params':>8} {'predicted ms':>12} {'measured ms':>11}  path")
+    for m in ex["models"]:
+        meas = f"{m['measured_latency_ms']:>11.2f}" if m["measured_latency_ms"] else f"{'-':>11}"
+        print(f"{m['budget']:>7} {m['budget_ms']:>9.2f} {m['format']:>6} {m['params'] / 1e6:>7.2f}M "
+              f"{m['predicted_latency_ms']:>12.2f} {meas}  {m['output']}")
     print(f"\nelastic checkpoint: {el}   ({time.time() - t0:.0f}s)")
 
 

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from .budget import Budget, parse_budgets
-from .checkpoint import ShardedWriter, SourceModel, atomic_dir, check_output, copy_files, write_json
+from .checkpoint import (
+    ShardPlan,
+    SourceModel,
+    StreamingWriter,
+    atomic_dir,
+    check_output,
+    copy_files,
+    write_json,
+)
 from .elastic import read_manifest
 from .errors import UsageError
 from .latency import LatencyTable, load_table
@@ -206,6 +214,33 @@ def modeling_source(family: str) -> str:
     return text.replace('BASE_MODEL_TYPE = "llama"', f'BASE_MODEL_TYPE = "{family}"', 1)
 
 
+def _layer_unit(arch, spec: ElasticSpec, name: str):
+    """(layer, unit, slot) of a tensor that carries a unit, else None."""
+    for i in range(spec.dims.num_layers):
+        if name.startswith(arch.layer_prefix(i)):
+            hit = arch.unit_of_tensor(name[len(arch.layer_prefix(i)):])
+            return None if hit is None else (i, *hit)
+    return None
+
+
+def plan(src: SourceModel, spec: ElasticSpec, cfg: Config, max_shard_bytes: int) -> ShardPlan:
+    """Output shapes, shards and offsets from the safetensors headers alone (no tensor data is read)."""
+    from safetensors import safe_open
+
+    tensors = []
+    for f in src.weight_files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                shape = list(sl.get_shape())
+                hit = _layer_unit(src.arch, spec, name)
+                if hit is not None:
+                    layer, unit, slot = hit
+                    shape[slot.dim] = len(unit_index(spec, unit, *cfg[layer]))
+                tensors.append((name, sl.get_dtype(), shape))
+    return ShardPlan.make(tensors, max_shard_bytes)
+
+
 def stream_sliced(src: SourceModel, spec: ElasticSpec, cfg: Config):
     """(name, tensor) of the sub-model, read lazily: prefix slices through safetensors' get_slice."""
     from safetensors import safe_open
@@ -214,16 +249,11 @@ def stream_sliced(src: SourceModel, spec: ElasticSpec, cfg: Config):
     for f in src.weight_files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                layer = None
-                for i in range(spec.dims.num_layers):
-                    if name.startswith(arch.layer_prefix(i)):
-                        layer = i
-                        break
-                hit = arch.unit_of_tensor(name[len(arch.layer_prefix(layer)):]) if layer is not None else None
+                hit = _layer_unit(arch, spec, name)
                 if hit is None:
                     yield name, st.get_tensor(name)
                     continue
-                unit, slot = hit
+                layer, unit, slot = hit
                 idx = unit_index(spec, unit, *cfg[layer])
                 sl = st.get_slice(name)
                 n = len(idx)
@@ -291,11 +321,12 @@ def extract(path: Path, out: Path | None, budget: str | None = None, config_file
     for t, o in zip(targets, outs):
         hf_cfg, kind = hf_config_for(base_cfg, spec, t.cfg, fmt)
         with atomic_dir(o, force) as tmp, rep.task(f"extracting {t.label} -> {o.name}"):
-            w = ShardedWriter(tmp, max_shard_bytes)
+            w = StreamingWriter(tmp, plan(src, spec, t.cfg, max_shard_bytes))
             n_params = 0
             for name, tensor in stream_sliced(src, spec, t.cfg):
-                w.add(name, tensor)
+                w.write(name, tensor)
                 n_params += tensor.numel()
+                del tensor
             w.close()
             write_json(tmp / "config.json", hf_cfg)
             copy_files([f for f in src.non_weight_files() if f.name != "config.json" and not f.name.startswith("flex_")],

@@ -37,7 +37,7 @@ class RouterHyper:
     joint_lr: float = 1e-4  # LLM weights in the joint stage
     lam: float = 5.0  # latency-loss weight (method: 1.0 [S1]; 5 makes budgets binding at our loss scale)
     eps: float = 0.05  # SM relative-error threshold
-    dead_zone: float = 0.02
+    dead_zone: float = 0.015  # the zero-loss band is [-2 * dead_zone, 0] relative to the budget
     tau_start: float = 1.0
     tau_end: float = 0.1
     hidden: int = 128
