@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow bench-train bench-profile bench-router demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow bench-train bench-profile bench-router bench-extract demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ bench-profile: install
 
 bench-router: install
 	$(BIN)/python bench/bench_router.py
+
+bench-extract: install
+	$(BIN)/python bench/bench_extract.py
 
 demo: install
 	$(BIN)/python -m flexcli.demo

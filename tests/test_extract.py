@@ -148,3 +148,19 @@ def test_defaults_from_project_file_and_eval(tmp_path, tokenizer_dir, calib_file
     sub = runner.invoke(app, ["eval", str(out), "--data", str(calib_file), "--samples", "2", "--seq-len", "32", "--json"])
     assert sub.exit_code == 0, sub.stderr
     assert json.loads(sub.stdout)["rows"][0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-4)
+
+
+def test_dry_run_plan_matches_real_output(tmp_path, tokenizer_dir, calib_file):
+    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "qwen2", 8, 2)
+    args = ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"), "--max-shard-size",
+            "40KB", "--json"]
+    dry = runner.invoke(app, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.stderr
+    plan = json.loads(dry.stdout)["models"][0]
+    assert not (tmp_path / "sub").exists()  # nothing written
+    real = runner.invoke(app, [*args, "--no-verify"])
+    assert real.exit_code == 0, real.stderr
+    files = plan["planned_files"]
+    assert len(files) > 1 and (tmp_path / "sub" / "model.safetensors.index.json").exists()
+    assert sum((tmp_path / "sub" / f).stat().st_size for f in files) == plan["planned_bytes"]
+    assert json.loads(real.stdout)["models"][0]["params"] == plan["params"]

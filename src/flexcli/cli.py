@@ -346,6 +346,7 @@ def extract(
     fmt: Annotated[str, typer.Option("--format", help="auto, stock (uniform only) or flex (per-layer sizes).")] = "auto",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")] = "5GB",
     verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Check logits against the elastic model and measure latency [default: on when the model fits comfortably in RAM].")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: configuration, shapes, shards and output size from the headers; write nothing.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -355,11 +356,12 @@ def extract(
 
     def work(rep: Reporter):
         return do_extract(_elastic_arg(elastic), output, budget, config, uniform, regime, fmt,
-                          parse_size(max_shard_size), verify, force, rep)
+                          parse_size(max_shard_size), verify, force, rep, dry_run)
 
     def render(r) -> None:
         for m in r.models:
-            typer.echo(m.output)
+            typer.echo(m.output if m.planned_bytes is None else
+                       f"{m.output} (dry run: {m.planned_bytes / 1e9:.2f} GB in {len(m.planned_files)} files)")
         rows = []
         for m in r.models:
             mlp = [c["mlp"] for c in m.config]

@@ -278,6 +278,8 @@ class SubModel:
     measured_latency_ms: float | None = None
     verified_max_rel_err: float | None = None
     regime: str | None = None
+    planned_bytes: int | None = None  # total size of the output weight files
+    planned_files: list[str] | None = None
 
 
 @dataclass
@@ -290,7 +292,7 @@ class ExtractResult:
 def extract(path: Path, out: Path | None, budget: str | None = None, config_file: Path | None = None,
             uniform: str | None = None, regime: str | None = None, fmt: str = "auto",
             max_shard_bytes: int = 5 * 10**9, verify: bool | None = None, force: bool = False,
-            reporter: Reporter | None = None) -> ExtractResult:
+            reporter: Reporter | None = None, dry_run: bool = False) -> ExtractResult:
     """Write one sub-model per requested configuration (several budgets: one directory each inside OUT)."""
     rep = reporter or Reporter()
     t0 = time.time()
@@ -304,6 +306,19 @@ def extract(path: Path, out: Path | None, budget: str | None = None, config_file
     stem = path.resolve().name.removesuffix("-elastic")
     base_out = (out or Path.cwd() / f"{stem}-{'submodels' if len(targets) > 1 else _slug(targets[0].label)}").resolve()
     outs = [base_out / _slug(t.label) for t in targets] if many else [base_out]
+    if dry_run:  # shapes, shards and sizes from the headers alone; nothing is read or written
+        res = ExtractResult(str(path))
+        for t, o in zip(targets, outs):
+            p = plan(src, spec, t.cfg, max_shard_bytes)
+            kind = hf_config_for(json.loads((path / "config.json").read_text()), spec, t.cfg, fmt)[1]
+            n = sum(math.prod(v["shape"]) for h in p.headers for k, v in h.items() if k != "__metadata__")
+            res.models.append(SubModel(str(o), kind, kind == "flex", config_to_json(t.cfg), n, t.method,
+                                       t.budget.text if t.budget else None, t.budget_ms,
+                                       table.predict(t.cfg) if table is not None else None,
+                                       regime=table.regime.key if table else None, planned_bytes=p.total_bytes,
+                                       planned_files=p.files))
+        res.seconds = round(time.time() - t0, 3)
+        return res
     if many and base_out.exists() and not base_out.is_dir():
         raise UsageError(f"output {base_out} exists and is not a directory")
     for o in outs:
