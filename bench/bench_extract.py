@@ -56,6 +56,7 @@ def write_elastic(path: Path, size: str, sparse: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(hidden_size=h, intermediate_size=f, num_hidden_layers=n, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=vocab, torch_dtype="bfloat16")
+    cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(path)
     plan = ShardPlan.make([(name, "BF16", shape) for name, shape in llama_tensors(size)], 10 * 10**9)
     if sparse:
@@ -113,14 +114,24 @@ def peak_rss_anon(cmd: list[str]) -> tuple[float, int, int]:
 
 def main() -> None:
     work = ROOT / "bench-out" / "extract"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    for leftover in ("copy", "half", "llama70b-elastic"):
+        shutil.rmtree(work / leftover, ignore_errors=True)
     free = shutil.disk_usage(work).free
     if free < 32e9:
         sys.exit(f"bench_extract: needs ~32 GB free disk, have {free / 1e9:.0f} GB")
     src = work / "llama7b-elastic"
     t = time.time()
-    write_elastic(src, "7b", sparse=False)
+    if (src / "flex_elastic.json").exists() and (src / "model.safetensors.index.json").exists():
+        print(f"reusing {src}", file=sys.stderr)  # a complete earlier generation (index and manifest come last)
+        from transformers import LlamaConfig
+
+        c = LlamaConfig.from_pretrained(src)
+        c.architectures = ["LlamaForCausalLM"]
+        c.save_pretrained(src)
+    else:
+        shutil.rmtree(src, ignore_errors=True)
+        write_elastic(src, "7b", sparse=False)
     gen_s = time.time() - t
     src_bytes = sum(f.stat().st_size for f in src.iterdir())
     cold = drop_caches()
@@ -140,8 +151,13 @@ def main() -> None:
     from safetensors import safe_open
 
     exact = True
-    idx = json.loads((work / "half" / "model.safetensors.index.json").read_text())["weight_map"]
-    sidx = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    def weight_map(d: Path) -> dict[str, str]:
+        f = d / "model.safetensors.index.json"
+        if f.exists():
+            return json.loads(f.read_text())["weight_map"]
+        with safe_open(str(d / "model.safetensors"), "pt") as st:
+            return {k: "model.safetensors" for k in st.keys()}
+    idx, sidx = weight_map(work / "half"), weight_map(src)
     for name, rows, cols in (("model.layers.3.mlp.gate_proj.weight", 5504, None),
                              ("model.layers.31.mlp.down_proj.weight", None, 5504),
                              ("model.layers.7.self_attn.q_proj.weight", 2048, None)):

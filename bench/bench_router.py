@@ -25,7 +25,7 @@ def main() -> None:
         sys.exit("bench_router: run `make demo` first (it builds demo/base-elastic and its latency table)")
     budgets = "52%,60%,68%,76%,84%,92%"
     cmd = [sys.executable, "-m", "flexcli", "train-router", str(el), "--budgets", budgets, "--joint-steps", "60",
-           "--steps", "400", "--json"]
+           "--steps", "900", "--json"]
     print("$ flex", " ".join(cmd[3:]), file=sys.stderr)
     doc = json.loads(subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout)
     rows, md = [], ["# Routers on the demo model (bench/bench_router.py)", "",

@@ -295,7 +295,7 @@ def train_router_cmd(
     budgets: Annotated[str | None, typer.Option("--budgets", help="Latency targets, e.g. 30ms,40ms,60% [default: 40%,55%,70%,85%].")] = None,
     static: Annotated[bool, typer.Option("--static/--no-static", help="Train the static (budget -> per-layer widths) router.")] = True,
     dynamic: Annotated[bool, typer.Option("--dynamic/--no-dynamic", help="Train the input-adaptive router.")] = True,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Static router steps.")] = 300,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Static router steps.")] = 600,
     dynamic_steps: Annotated[int, typer.Option("--dynamic-steps", min=1, help="Input-adaptive router steps.")] = 200,
     joint_steps: Annotated[int, typer.Option("--joint-steps", min=0, help="Joint LLM + static router fine-tuning steps (0 = skip).")] = 0,
     sm_warmup: Annotated[int, typer.Option("--sm-warmup", min=8, help="Surrogate warm-up configurations.")] = 256,

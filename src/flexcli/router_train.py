@@ -27,7 +27,7 @@ from .spec import Config
 
 @dataclass
 class RouterHyper:
-    steps: int = 300  # static router steps
+    steps: int = 600  # static router steps
     dynamic_steps: int = 200
     joint_steps: int = 0
     sm_warmup: int = 256  # (configuration, loss) pairs before the first router step

@@ -47,11 +47,15 @@ def uniform_configs(spec: ElasticSpec) -> list[Config]:
             for k in range(len(spec.layers[0].mlp)) for j in range(len(spec.layers[0].heads))]
 
 
-def uniform_at(spec: ElasticSpec, table: LatencyTable, latency_ms: float) -> Config:
-    """The uniform configuration with the largest LUT latency not above `latency_ms` (else the smallest)."""
+def uniform_at(spec: ElasticSpec, table: LatencyTable, latency_ms: float, quality=None) -> Config:
+    """The best uniform configuration (same MLP and head choice in every layer) with LUT latency not above
+    `latency_ms`: by `quality(cfg)` (lower is better) when given, else the slowest one; the fastest
+    uniform configuration when none fits."""
     cands = sorted(uniform_configs(spec), key=table.predict)
     ok = [c for c in cands if table.predict(c) <= latency_ms * (1 + 1e-9)]
-    return ok[-1] if ok else cands[0]
+    if not ok:
+        return cands[0]
+    return min(ok, key=quality) if quality is not None else ok[-1]
 
 
 @dataclass
@@ -156,16 +160,14 @@ def train_router(path: Path, budgets: str | None, static: bool, dynamic: bool, h
     rho = spearman(sm_pred, held_true)
 
     reports = []
+    held_loss = LossOracle(elastic, heldout)  # cached held-out loss per configuration
     with rep.task("held-out evaluation per budget", total=len(budget_ms)) as task:
         for text, ms in budget_ms:
             cfg = spec.full() if ms >= full or st_router is None else static_config(st_router, spec, targets, ms)
-            if st_router is None:  # no static router: report the uniform configuration within budget
-                cfg = uniform_at(spec, table, ms)
-            uni = uniform_at(spec, table, table.predict(cfg))
-            with elastic.configured(cfg):
-                ppl = math.exp(mean_loss(elastic.model, heldout))
-            with elastic.configured(uni):
-                uppl = math.exp(mean_loss(elastic.model, heldout))
+            if st_router is None:  # no static router: report the best uniform configuration within budget
+                cfg = uniform_at(spec, table, ms, held_loss)
+            uni = uniform_at(spec, table, table.predict(cfg), held_loss)  # the strongest uniform baseline
+            ppl, uppl = math.exp(held_loss(cfg)), math.exp(held_loss(uni))
             r = BudgetReport(text, ms, config_to_json(cfg), table.predict(cfg), ppl, config_to_json(uni),
                              table.predict(uni), uppl)
             if dyn_router is not None and ms < full:
