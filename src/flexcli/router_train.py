@@ -116,6 +116,24 @@ def tau_at(step: int, total: int, h: RouterHyper) -> float:
     return h.tau_start * (h.tau_end / h.tau_start) ** (step / max(1, total - 1))
 
 
+def sm_gated_step(sm: SMState, feat: torch.Tensor, l_true: float, pm: list[torch.Tensor], ph: list[torch.Tensor],
+                  table: LatencyTable, target_ms: float, opt: torch.optim.Optimizer, h: RouterHyper,
+                  g: torch.Generator) -> float:
+    """One surrogate step on (feat, l_true); then, only if the SM's relative error on this choice is under
+    eps, one router step on SM(feat) + lam * latency_loss(E[lat]). Returns the SM's relative error."""
+    sm.xs.append(feat.detach())
+    sm.ys.append(l_true)
+    sm.fit(2, g)
+    pred = sm.sm(feat[None])[0]
+    err = abs(pred.item() - l_true) / l_true
+    if err < h.eps:
+        loss = pred + h.lam * latency_loss(table.expected(pm, ph), torch.tensor(target_ms), h.dead_zone)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return err
+
+
 def train_static(spec, table: LatencyTable, targets: list[float], oracle, sm: SMState, h: RouterHyper,
                  rep: Reporter) -> tuple[StaticRouter, dict[str, Any]]:
     """Train the static router through the SM (oracle(cfg) -> true loss); returns it and statistics."""
@@ -135,23 +153,12 @@ def train_static(spec, table: LatencyTable, targets: list[float], oracle, sm: SM
             ph = gumbel_probs(lh[0] * scale, tau_at(step, h.steps, h), g)  # (L, J)
             cfg = [(spec.layers[i].mlp[k], spec.layers[i].heads[j])
                    for i, (k, j) in enumerate(zip(pm.argmax(-1).tolist(), ph.argmax(-1).tolist()))]
-            l_true = oracle(cfg)
-            x = torch.cat([pm, ph], dim=-1).flatten()
-            sm.xs.append(x.detach())
-            sm.ys.append(l_true)
-            sm.fit(2, g)
-            pred = sm.sm(x[None])[0]
-            err = abs(pred.item() - l_true) / l_true
+            feat = torch.cat([pm, ph], dim=-1).flatten()
+            err = sm_gated_step(sm, feat, oracle(cfg), list(pm), list(ph), table, targets[t], opt, h, g)
             errs.append(err)
-            if err < h.eps:
-                lat = table.expected(list(pm), list(ph))
-                loss = pred + h.lam * latency_loss(lat, torch.tensor(targets[t]), h.dead_zone)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                updates += 1
+            updates += err < h.eps
             task.advance(1, updates=updates)
-    return router, {"router_updates": updates, "steps": h.steps, "mean_sm_rel_err": sum(errs) / len(errs)}
+    return router, {"router_updates": int(updates), "steps": h.steps, "mean_sm_rel_err": sum(errs) / len(errs)}
 
 
 def static_config(router: StaticRouter, spec, targets: list[float], budget_ms: float) -> Config:
@@ -192,24 +199,14 @@ def train_dynamic(elastic: ElasticModel, table: LatencyTable, targets: list[floa
                 pm = [r[0].mean(dim=(0, 1)) for r in rt.records]  # (K,) per layer
                 ph = [r[1].mean(dim=0) for r in rt.records]  # (J,) per layer
                 feat = torch.cat([torch.stack(pm), torch.stack(ph)], dim=-1).flatten()
-                sm.xs.append(feat.detach())
-                sm.ys.append(l_true)
-                sm.fit(2, g)
-                pred = sm.sm(feat[None])[0]
-                err = abs(pred.item() - l_true) / l_true
+                err = sm_gated_step(sm, feat, l_true, pm, ph, table, targets[t], opt, h, g)
                 errs.append(err)
-                if err < h.eps:
-                    lat = table.expected(pm, ph)
-                    loss = pred + h.lam * latency_loss(lat, torch.tensor(targets[t]), h.dead_zone)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    updates += 1
+                updates += err < h.eps
                 task.advance(1, updates=updates)
     finally:
         rt.close()
         model.requires_grad_(True)
-    return router, {"router_updates": updates, "steps": h.dynamic_steps, "mean_sm_rel_err": sum(errs) / len(errs)}
+    return router, {"router_updates": int(updates), "steps": h.dynamic_steps, "mean_sm_rel_err": sum(errs) / len(errs)}
 
 
 @torch.no_grad()
