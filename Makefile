@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow bench-train bench-profile bench-router bench-extract demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ bench-router: install
 
 bench-extract: install
 	$(BIN)/python bench/bench_extract.py
+
+bench-kernels: install
+	$(BIN)/python bench/bench_kernels.py
 
 demo: install
 	$(BIN)/python -m flexcli.demo

@@ -1,8 +1,8 @@
 """The input-adaptive runtime: per-token MLP widths and per-sequence head counts, executed for real.
 
 A pre-hook on every decoder layer asks the router for that layer's choices from the hidden state
-entering it. The MLP then runs tokens grouped by width, each group a dense prefix GEMM
-(``flexcli.kernels.subset_linear``); attention runs sequences grouped by head count through
+entering it. The MLP then runs tokens sorted and grouped by width (``flexcli.kernels.grouped_linear``: one dense
+prefix GEMM per width, or one grouped Triton launch); attention runs sequences grouped by head count through
 transformers' own attention module with the matching head selection. In "soft" mode (training) the
 Gumbel-softmax probabilities are recorded and multiplied into the outputs by straight-through gating.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexcli.kernels import subset_linear
+from flexcli.kernels import grouped_linear
 
 from .elastic import ElasticModel
 from .router import DynamicRouter, gumbel_probs
@@ -43,15 +43,15 @@ class GroupedMLP(nn.Module):
         m = self.inner
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
         choice = self.token_choice.reshape(-1)
-        out = flat.new_zeros(flat.shape)
-        for k in torch.unique(choice).tolist():
-            rows = (choice == k).nonzero().squeeze(1)
-            xs = flat.index_select(0, rows)  # (n_k, D)
-            w = self.choices[k]
-            h = m.act_fn(subset_linear(xs, m.gate_proj.weight, m.gate_proj.bias, out_sel=w)) * \
-                subset_linear(xs, m.up_proj.weight, m.up_proj.bias, out_sel=w)  # (n_k, w)
-            out = out.index_copy(0, rows, subset_linear(h, m.down_proj.weight, m.down_proj.bias, in_sel=w))
-        out = out.view_as(x)
+        order = torch.argsort(choice, stable=True)  # rows grouped by width
+        ks, counts = torch.unique_consecutive(choice[order], return_counts=True)
+        starts = [0] + torch.cumsum(counts, 0)[:-1].tolist()
+        widths = [self.choices[k] for k in ks.tolist()]
+        xs = flat.index_select(0, order)  # (N, D), sorted
+        h = m.act_fn(grouped_linear(xs, m.gate_proj.weight, m.gate_proj.bias, starts, widths, "out")) * \
+            grouped_linear(xs, m.up_proj.weight, m.up_proj.bias, starts, widths, "out")  # (N, max width)
+        ys = grouped_linear(h, m.down_proj.weight, m.down_proj.bias, starts, widths, "in")  # (N, D)
+        out = torch.empty_like(flat).index_copy(0, order, ys).view_as(x)
         return out if self.gate is None else out * self.gate[..., None]
 
 
