@@ -145,14 +145,11 @@ def load_tokenizer(path: Path):
 
 def uniform_width_report(elastic, seqs: torch.Tensor, ratios=(1.0, 0.75, 0.5, 0.25)) -> list[dict[str, Any]]:
     """Held-out perplexity at uniform MLP and head fractions."""
-    from .evaluate import perplexity
+    from .elastic_train import width_report
 
-    rows = []
-    for r in ratios:
-        cfg = elastic.spec.uniform(r, r)
-        with elastic.configured(cfg):
-            rows.append({"ratio": r, "mlp": cfg[0][0], "heads": cfg[0][1], "ppl": perplexity(elastic.model, seqs)})
-    return rows
+    cfgs = [(f"{r:.0%}", elastic.spec.uniform(r, r)) for r in ratios]
+    return [{"ratio": r, "mlp": row.mlp[0], "heads": row.heads[0], "ppl": row.ppl}
+            for r, row in zip(ratios, width_report(elastic, seqs, cfgs))]
 
 
 def convert(model: str, out: Path | None, opts: ConvertOptions, force: bool = False,

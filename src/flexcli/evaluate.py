@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -26,7 +24,3 @@ def mean_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int = 8) -> floa
     finally:
         model.train(was)
     return total / count
-
-
-def perplexity(model: nn.Module, seqs: torch.Tensor, batch_size: int = 8) -> float:
-    return math.exp(mean_loss(model, seqs, batch_size))

@@ -30,7 +30,7 @@ from .checkpoint import (
     write_json,
 )
 from .elastic import read_manifest
-from .errors import UsageError
+from .errors import RuntimeFailure, UsageError
 from .latency import LatencyTable, load_table
 from .progress import Reporter
 from .slicing import unit_index
@@ -354,11 +354,11 @@ def extract(path: Path, out: Path | None, budget: str | None = None, config_file
                 "budget": t.budget.text if t.budget else None, "budget_ms": t.budget_ms,
                 "predicted_latency_ms": pred, "regime": table.regime.key if table else None,
                 "params": n_params})
-        sm = SubModel(str(o), kind, kind == "flex", config_to_json(t.cfg), n_params, t.method,
-                      t.budget.text if t.budget else None, t.budget_ms, pred,
-                      regime=table.regime.key if table else None)
-        if verify:
-            sm.verified_max_rel_err, sm.measured_latency_ms = verify_submodel(path, o, spec, t.cfg, table, rep)
+            sm = SubModel(str(o), kind, kind == "flex", config_to_json(t.cfg), n_params, t.method,
+                          t.budget.text if t.budget else None, t.budget_ms, pred,
+                          regime=table.regime.key if table else None)
+            if verify:  # before the commit: a sub-model that fails verification is never left behind
+                sm.verified_max_rel_err, sm.measured_latency_ms = verify_submodel(path, tmp, spec, t.cfg, table, rep)
         result.models.append(sm)
     result.seconds = round(time.time() - t0, 2)
     return result
@@ -377,7 +377,7 @@ def verify_submodel(path: Path, sub: Path, spec: ElasticSpec, cfg: Config, table
     from .hf_modeling import register
 
     register()
-    with rep.task(f"verifying {sub.name}"), torch.no_grad():
+    with rep.task("verifying against the elastic model"), torch.no_grad():
         el = load_elastic(path)
         model = AutoModelForCausalLM.from_pretrained(sub, dtype=torch.float32, local_files_only=True).eval()
         x = torch.randint(0, spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -386,7 +386,8 @@ def verify_submodel(path: Path, sub: Path, spec: ElasticSpec, cfg: Config, table
         got = model(input_ids=x).logits
         err = ((got - want).abs().max() / want.abs().max()).item()
         if err > 1e-4:
-            raise UsageError(f"verification failed for {sub}: logits differ from the elastic model by {err:.2e}")
+            raise RuntimeFailure(f"verification failed: the extracted model's logits differ from the elastic "
+                                 f"model's by {err:.2e} (nothing was written)")
         measured = None
         from .profile import ProfileOptions, Runner, device_name, time_fn
 

@@ -101,14 +101,6 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def train_lm(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, reporter: Reporter | None = None,
              step_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
              state: LoopState | None = None,
@@ -120,7 +112,9 @@ def train_lm(model: nn.Module, tokens: torch.Tensor, cfg: TrainConfig, reporter:
     `on_step(step, opt, g, losses)` runs after every optimizer step (checkpointing).
     """
     rep = reporter or Reporter()
-    rank, world = _rank_world()
+    from .distributed import rank_world
+
+    rank, world = rank_world()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} is not divisible by {world} processes")
     device = next(model.parameters()).device
