@@ -399,6 +399,35 @@ def eval_cmd(
     run(lambda rep: evaluate(model, data, budget, config, uniform, regime, samples, seq_len, rep), as_json, render)
 
 
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="A source, elastic or extracted checkpoint directory.")],
+    no_data: Annotated[bool, typer.Option("--no-data", help="Skip the NaN/Inf scan (headers and metadata only).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check headers, index, shapes vs config, NaN/Inf and flexcli metadata; exit 2 listing the problems."""
+    from .validate import validate as do_validate
+
+    result: dict = {}
+
+    def work(rep: Reporter):
+        with rep.task("validating"):
+            r = do_validate(path, check_data=not no_data)
+        result["r"] = r
+        return r
+
+    def render(r) -> None:
+        typer.echo(f"{r.path}: {r.kind} checkpoint, {r.tensors} tensors, "
+                   f"{'valid' if r.valid else f'{len(r.problems)} problem(s)'}")
+        for p in r.problems:
+            extra = "" if p.expected is None and p.found is None else f" (expected {p.expected}, found {p.found})"
+            typer.echo(f"  {p.file}{' ' + p.tensor if p.tensor else ''}: {p.message}{extra}")
+
+    run(work, as_json, render)
+    if "r" in result and not result["r"].valid:
+        raise typer.Exit(EXIT_USAGE)
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
