@@ -122,8 +122,13 @@ def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], No
         _fail(str(e), e.exit_code, as_json, debug)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", 130, as_json, debug)
+    except OSError as e:  # disk full, file too large, permissions: the output was never committed
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _fail(f"cannot write: {e.strerror or e}{where}; nothing was written", EXIT_RUNTIME, as_json, debug)
     except Exception as e:  # an unexpected failure: still one line unless debugging
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "I/O error" in msg:  # safetensors reports write failures in its own exception type
+            _fail(f"cannot write: {msg}; nothing was written", EXIT_RUNTIME, as_json, debug)
         _fail(f"{type(e).__name__}: {msg} (set FLEX_DEBUG=1 for a traceback)", EXIT_RUNTIME, as_json, debug)
     if follower:
         return
