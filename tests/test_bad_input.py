@@ -153,3 +153,14 @@ def test_output_is_source(tmp_path, monkeypatch, src, calib_file):
     assert res.exit_code == 2 and "source model itself" in res.stderr
     assert (src / "model.safetensors").exists()
     shutil.rmtree(src)
+
+
+def test_remote_code_in_a_source_is_never_run(tmp_path, monkeypatch, src, calib_file):
+    marker = tmp_path / "PWNED"
+    (src / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM", "AutoConfig": "modeling_evil.EvilConfig"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    res = _run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file))
+    assert not marker.exists()
+    assert res.exit_code in (0, 2)  # converted with the stock class, or refused; never executed
