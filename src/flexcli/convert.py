@@ -219,6 +219,7 @@ def convert(model: str, out: Path | None, opts: ConvertOptions, force: bool = Fa
         hf, train_report = run_train_stage(hf, elastic, recipe, train_data, ckpts, resume_from, rep)
         if hf is None:  # not the writing rank
             D.barrier()
+            D.shutdown()
             return ConvertResult(str(out), source_desc, src.arch.family, spec.layers[0].mlp, spec.layers[0].heads,
                                  spec.gqa, int(seqs.numel()), round(time.time() - t0, 2))
         elastic = ElasticModel(hf, src.arch, spec)
@@ -258,6 +259,7 @@ def convert(model: str, out: Path | None, opts: ConvertOptions, force: bool = Fa
     if training:
         ckpts.remove()
     D.barrier()
+    D.shutdown()
     from .project import record
 
     record(out, source_desc)

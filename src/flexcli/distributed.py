@@ -34,6 +34,15 @@ def init_from_env(device: torch.device) -> torch.device:
     return device
 
 
+def shutdown() -> None:
+    """Leave the process group (a process that exits while still in it can abort in gloo's threads)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
