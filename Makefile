@@ -24,6 +24,7 @@ test-dist: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q tests/test_fuzz.py
 
 bench-train: install
 	$(BIN)/python bench/bench_train.py
