@@ -48,10 +48,10 @@ demo-clean:
 	rm -rf demo
 
 lint: install
-	$(BIN)/ruff check src kernels tests
+	$(BIN)/ruff check src kernels tests bench
 
 format: install
-	$(BIN)/ruff format src kernels tests
+	$(BIN)/ruff format src kernels tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -11,20 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def flex(*args: str, cwd: Path) -> dict:
-    print("$ flex", " ".join(args), file=sys.stderr, flush=True)
-    out = subprocess.run([sys.executable, "-m", "flexcli", *args, "--json"], cwd=cwd, stdout=subprocess.PIPE,
-                         text=True, check=True)
-    return json.loads(out.stdout)
+from common import ROOT, flex
 
 
 def main() -> None:

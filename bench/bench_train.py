@@ -14,20 +14,10 @@ import argparse
 import json
 import math
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def sh(*args: str, cwd: Path) -> dict:
-    print("$ flex", " ".join(args), file=sys.stderr, flush=True)
-    out = subprocess.run([sys.executable, "-m", "flexcli", *args, "--json"], cwd=cwd, stdout=subprocess.PIPE,
-                         text=True, check=True)
-    return json.loads(out.stdout)
+from common import ROOT, flex
 
 
 def throughput(model, step_loss, tokens, steps: int, batch: int, seq: int) -> float:
@@ -51,7 +41,7 @@ def main() -> None:
     if not (base / "flex_pretrain.json").exists():
         base = work / "base"
         if not (base / "flex_pretrain.json").exists():
-            sh("pretrain", "-o", str(base), "--size", "small", "--steps", "500", "--force", cwd=work)
+            flex("pretrain", "-o", str(base), "--size", "small", "--steps", "500", "--force", cwd=work)
     info = json.loads((base / "flex_pretrain.json").read_text())
     pre_tokens = info["train_tokens"]
     elastic_tokens = int(0.08 * pre_tokens)
@@ -59,7 +49,7 @@ def main() -> None:
     recipe.write_text("stages: [permute, train]\n"
                       f"train: {{tokens: {elastic_tokens}, batch_size: 16, seq_len: 256, lr: 3.0e-4, warmup: 5,\n"
                       "        distill: 1.0, checkpoint_every: 0, val_samples: 64, val_random_configs: 3}\n")
-    res = sh("convert", str(base), "-o", str(work / "elastic"), "--recipe", str(recipe), "--calib", "stdlib",
+    res = flex("convert", str(base), "-o", str(work / "elastic"), "--recipe", str(recipe), "--calib", "stdlib",
              "--calib-samples", "64", "--seq-len", "256", "--force", cwd=work)
     t = res["training"]
     before = {r["name"]: r["ppl"] for r in t["before"]}

@@ -1,0 +1,18 @@
+"""Shared by the benchmark scripts: the repository root and running `flex ... --json` as users do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flex(*args: str, cwd: Path) -> dict:
+    """Run `flex ARGS --json` in a subprocess (progress on stderr), return its JSON document."""
+    print("$ flex", " ".join(args), file=sys.stderr, flush=True)
+    out = subprocess.run([sys.executable, "-m", "flexcli", *args, "--json"], cwd=cwd, stdout=subprocess.PIPE,
+                         text=True, check=True)
+    return json.loads(out.stdout)
