@@ -108,6 +108,7 @@ def test_profile_cli_json(elastic, monkeypatch, tmp_path):
     (["--phase", "sideways"], "--phase"),
     (["--repeats", "1"], "--repeats"),
     (["--batch", "0"], "positive"),
+    (["--cuda-graphs"], "--device cuda"),
 ])
 def test_bad_profile_input(elastic, monkeypatch, tmp_path, args, needle):
     if "cuda" in args and torch.cuda.is_available():

@@ -260,6 +260,7 @@ def profile(
     correct: Annotated[int, typer.Option("--correct", help="Fit a per-regime scale on N measured random configurations.")] = 0,
     validate: Annotated[int, typer.Option("--validate", help="Measure N random configurations end to end against the table.")] = 0,
     fit: Annotated[str, typer.Option("--fit", help="bilinear: least-squares smooth the joint table (a + b*mlp + c*heads + d*mlp*heads); none: raw entries.")] = "bilinear",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Time every entry under CUDA graphs (GPU; use it for decode).")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -269,7 +270,7 @@ def profile(
 
     def work(rep: Reporter):
         o = ProfileOptions(device, dtype, batch, seq_len, phase, kv_len, repeats, warmup_s, correct=correct,
-                           validate=validate, seed=seed, fit=fit)
+                           validate=validate, seed=seed, fit=fit, cuda_graphs=cuda_graphs)
         return do_profile(_elastic_arg(elastic), o, rep)
 
     def render(r) -> None:

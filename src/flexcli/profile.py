@@ -45,6 +45,7 @@ class ProfileOptions:
     validate: int = 0  # random configurations for the validation report
     seed: int = 0
     fit: str = "bilinear"  # bilinear (least-squares smoothing of the joint table) | none
+    cuda_graphs: bool = False  # time under CUDA graphs (GPU only; recommended for decode)
 
 
 @dataclass
@@ -112,6 +113,8 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def model_fn(self, model) -> Callable[[], Any]:
+        if self.o.cuda_graphs:
+            return self._graphed(model)
         if self.o.phase == "prefill":
             return lambda: model(input_ids=self.x, use_cache=False)
         from transformers import DynamicCache
@@ -126,6 +129,36 @@ class Runner:
             cache.crop(-n)
             return out
         return step
+
+    def _graphed(self, model) -> Callable[[], Any]:
+        """One forward captured in a CUDA graph, returned as its replay (eager decode is launch-bound and
+        hides width). Decode uses a StaticCache prefilled with kv_len tokens; every replay writes the same
+        slot, so the cache never grows."""
+        from transformers import StaticCache
+
+        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        if self.o.phase == "prefill":
+            def step():
+                return model(input_ids=self.x, use_cache=False)
+        else:
+            kv = self.ctx.shape[1]
+            cache = StaticCache(config=model.config, max_cache_len=kv + self.x.shape[1])
+            model(input_ids=self.ctx, use_cache=True, cache_position=torch.arange(kv, device=self.device),
+                  **{kw: cache})
+            pos = torch.arange(kv, kv + self.x.shape[1], device=self.device)
+
+            def step():
+                return model(input_ids=self.x, use_cache=True, cache_position=pos, **{kw: cache})
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs requires
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph.replay
 
     def fixed_fn(self, model, arch) -> Callable[[], Any]:
         """Embeddings + final norm + LM head on this regime's tokens (the part no width changes)."""
@@ -205,8 +238,10 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
     kv = (o.kv_len if o.kv_len is not None else o.seq_len) if o.phase == "decode" else 0
     o.kv_len = kv
     max_spread = o.max_spread if o.max_spread is not None else (0.05 if device.type == "cuda" else 0.15)
+    if o.cuda_graphs and device.type != "cuda":
+        raise UsageError("--cuda-graphs needs --device cuda")
     regime = Regime(device.type, device_name(device), o.dtype, o.batch, o.seq_len if o.phase == "prefill" else 1,
-                    o.phase, kv, False)
+                    o.phase, kv, o.cuda_graphs)
     with torch.inference_mode():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, o.dtype), local_files_only=True,
                                                      trust_remote_code=False).to(device).eval()
