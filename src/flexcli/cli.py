@@ -22,7 +22,8 @@ from . import __version__
 from .errors import EXIT_RUNTIME, EXIT_USAGE, FlexError
 from .progress import Reporter
 
-EPILOG = "Exit codes: 0 ok · 1 runtime failure · 2 bad usage or input · 3 infeasible request. FLEX_DEBUG=1 shows tracebacks."
+EPILOG = ("Exit codes: 0 ok · 1 runtime failure · 2 bad usage or input · 3 infeasible request · 130 interrupted. "
+          "FLEX_DEBUG=1 shows tracebacks.")
 app = typer.Typer(name="flex", help="Flextron for Hugging Face LLMs: one elastic model, many latency budgets.",
                   epilog=EPILOG, pretty_exceptions_enable=False, no_args_is_help=True, add_completion=True,
                   rich_markup_mode=None)
