@@ -37,9 +37,6 @@ class Architecture:
     layers: str  # module path of the decoder layer list, e.g. "model.layers"
     units: dict[str, tuple[TensorSlot, ...]]
 
-    def layer_prefix(self, i: int) -> str:
-        return f"{self.layers}.{i}."
-
     def elastic_linears(self) -> dict[str, tuple[str | None, str | None]]:
         """Map module path -> (unit indexing its output rows, unit indexing its input columns)."""
         out: dict[str, list[str | None]] = {}
@@ -56,6 +53,17 @@ class Architecture:
             if s.dim == 1 and s.tensor.endswith(".weight"):
                 return s.module
         raise KeyError(unit)
+
+    def locate(self, name: str) -> tuple[int, str, TensorSlot] | None:
+        """(layer, unit, slot) of a checkpoint tensor that carries a unit, else None."""
+        head = self.layers + "."
+        if not name.startswith(head):
+            return None
+        idx, _, rel = name[len(head):].partition(".")
+        if not idx.isdigit():
+            return None
+        hit = self.unit_of_tensor(rel)
+        return None if hit is None else (int(idx), *hit)
 
     def unit_of_tensor(self, rel_name: str) -> tuple[str, TensorSlot] | None:
         for unit, slots in self.units.items():

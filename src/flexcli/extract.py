@@ -214,15 +214,6 @@ def modeling_source(family: str) -> str:
     return text.replace('BASE_MODEL_TYPE = "llama"', f'BASE_MODEL_TYPE = "{family}"', 1)
 
 
-def _layer_unit(arch, spec: ElasticSpec, name: str):
-    """(layer, unit, slot) of a tensor that carries a unit, else None."""
-    for i in range(spec.dims.num_layers):
-        if name.startswith(arch.layer_prefix(i)):
-            hit = arch.unit_of_tensor(name[len(arch.layer_prefix(i)):])
-            return None if hit is None else (i, *hit)
-    return None
-
-
 def plan(src: SourceModel, spec: ElasticSpec, cfg: Config, max_shard_bytes: int) -> ShardPlan:
     """Output shapes, shards and offsets from the safetensors headers alone (no tensor data is read)."""
     from safetensors import safe_open
@@ -233,7 +224,7 @@ def plan(src: SourceModel, spec: ElasticSpec, cfg: Config, max_shard_bytes: int)
             for name in st.keys():
                 sl = st.get_slice(name)
                 shape = list(sl.get_shape())
-                hit = _layer_unit(src.arch, spec, name)
+                hit = src.arch.locate(name)
                 if hit is not None:
                     layer, unit, slot = hit
                     shape[slot.dim] = len(unit_index(spec, unit, *cfg[layer]))
@@ -249,7 +240,7 @@ def stream_sliced(src: SourceModel, spec: ElasticSpec, cfg: Config):
     for f in src.weight_files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                hit = _layer_unit(arch, spec, name)
+                hit = arch.locate(name)
                 if hit is None:
                     yield name, st.get_tensor(name)
                     continue

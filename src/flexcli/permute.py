@@ -40,16 +40,12 @@ def identity_permutations(dims: Dims) -> Perms:
 
 def permute_tensor(name: str, t: torch.Tensor, arch: Architecture, dims: Dims, perms: Perms) -> torch.Tensor:
     """Apply the permutation to one checkpoint tensor (unchanged if it carries no unit)."""
-    for i in range(dims.num_layers):
-        prefix = arch.layer_prefix(i)
-        if name.startswith(prefix):
-            hit = arch.unit_of_tensor(name[len(prefix):])
-            if hit is None:
-                return t
-            unit, slot = hit
-            idx = perms[i][unit] if unit == "neuron" else unit_rows(perms[i][unit], dims.head_dim)
-            return t.index_select(slot.dim, idx.to(t.device))
-    return t
+    hit = arch.locate(name)
+    if hit is None:
+        return t
+    i, unit, slot = hit
+    idx = perms[i][unit] if unit == "neuron" else unit_rows(perms[i][unit], dims.head_dim)
+    return t.index_select(slot.dim, idx.to(t.device))
 
 
 @torch.no_grad()

@@ -97,6 +97,11 @@ def device_name(device: torch.device) -> str:
     return f"{name} x{torch.get_num_threads()}"
 
 
+def _cache_kw(model) -> str:
+    """The forward keyword for the KV cache (transformers renamed past_key_values to cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class Runner:
     """Builds the timed callables for one regime (prefill: a forward over (B, S); decode: one token
     after a KV cache of kv_len tokens, cropped back after every call)."""
@@ -120,7 +125,7 @@ class Runner:
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
-        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kw = _cache_kw(model)
         model(input_ids=self.ctx, use_cache=True, **{kw: cache})
         n = self.x.shape[1]
 
@@ -136,7 +141,7 @@ class Runner:
         slot, so the cache never grows."""
         from transformers import StaticCache
 
-        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kw = _cache_kw(model)
         if self.o.phase == "prefill":
             def step():
                 return model(input_ids=self.x, use_cache=False)

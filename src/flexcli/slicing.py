@@ -26,18 +26,14 @@ def unit_index(spec: ElasticSpec, unit: str, mlp: int, heads: int) -> torch.Tens
 
 def slice_tensor(name: str, t: torch.Tensor, arch: Architecture, spec: ElasticSpec, cfg: Config) -> torch.Tensor:
     """Slice one checkpoint tensor to the layer configuration it belongs to (others pass through)."""
-    for i, (m, h) in enumerate(cfg):
-        prefix = arch.layer_prefix(i)
-        if name.startswith(prefix):
-            hit = arch.unit_of_tensor(name[len(prefix):])
-            if hit is None:
-                return t
-            unit, slot = hit
-            idx = unit_index(spec, unit, m, h)
-            if idx.numel() == t.shape[slot.dim]:
-                return t
-            return t.index_select(slot.dim, idx.to(t.device)).contiguous()
-    return t
+    hit = arch.locate(name)
+    if hit is None:
+        return t
+    layer, unit, slot = hit
+    idx = unit_index(spec, unit, *cfg[layer])
+    if idx.numel() == t.shape[slot.dim]:
+        return t
+    return t.index_select(slot.dim, idx.to(t.device)).contiguous()
 
 
 def layer_hf_config(config, spec: ElasticSpec, mlp: int, heads: int):
