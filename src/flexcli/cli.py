@@ -112,8 +112,8 @@ def main_callback(
                         stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 
-def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], None]) -> None:
-    """Call the library, render the result, map errors to one line on stderr and an exit code."""
+def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], None]) -> Any:
+    """Call the library, render the result (returned), map errors to one line on stderr and an exit code."""
     follower = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports
     rep = RichReporter(quiet=STATE["verbosity"] < 0 or follower)
     debug = os.environ.get("FLEX_DEBUG") == "1" or STATE["verbosity"] > 0
@@ -132,11 +132,12 @@ def run(fn: Callable[[Reporter], Any], as_json: bool, render: Callable[[Any], No
             _fail(f"cannot write: {msg}; nothing was written", EXIT_RUNTIME, as_json, debug)
         _fail(f"{type(e).__name__}: {msg} (set FLEX_DEBUG=1 for a traceback)", EXIT_RUNTIME, as_json, debug)
     if follower:
-        return
+        return result
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result))
     else:
         render(result)
+    return result
 
 
 def _fail(msg: str, code: int, as_json: bool, debug: bool) -> None:
@@ -415,13 +416,9 @@ def validate(
     """Check headers, index, shapes vs config, NaN/Inf and flexcli metadata; exit 2 listing the problems."""
     from .validate import validate as do_validate
 
-    result: dict = {}
-
     def work(rep: Reporter):
         with rep.task("validating"):
-            r = do_validate(path, check_data=not no_data)
-        result["r"] = r
-        return r
+            return do_validate(path, check_data=not no_data)
 
     def render(r) -> None:
         typer.echo(f"{r.path}: {r.kind} checkpoint, {r.tensors} tensors, "
@@ -430,8 +427,7 @@ def validate(
             extra = "" if p.expected is None and p.found is None else f" (expected {p.expected}, found {p.found})"
             typer.echo(f"  {p.file}{' ' + p.tensor if p.tensor else ''}: {p.message}{extra}")
 
-    run(work, as_json, render)
-    if "r" in result and not result["r"].valid:
+    if not run(work, as_json, render).valid:
         raise typer.Exit(EXIT_USAGE)
 
 
