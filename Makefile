@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow bench bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ test-dist: install
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 	$(BIN)/python -m pytest -q tests/test_fuzz.py
+
+# The paper's claims at small scale -> docs/RESULTS.md, docs/results/bench.json, docs/results/plots/.
+# BENCH_SCALE=0.25 is a quick smoke run, BENCH_SCALE=2 a larger one (default 1: ~30 min on 2 CPU cores).
+bench: install
+	$(BIN)/python bench/run_bench.py
 
 bench-train: install
 	$(BIN)/python bench/bench_train.py

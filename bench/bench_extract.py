@@ -13,6 +13,7 @@ Writes docs/results/extract.{json,md}. Needs ~30 GB of free disk; removes what i
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny": (256, 704, 2, 8, 8, 4096),
+    "1b": (2048, 5504, 16, 16, 16, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
     "70b": (8192, 28672, 80, 64, 8, 32000),
 }
@@ -112,15 +115,17 @@ def peak_rss_anon(cmd: list[str]) -> tuple[float, int, int]:
     return time.time() - t0, peak[0], p.returncode
 
 
-def main() -> None:
-    work = ROOT / "bench-out" / "extract"
+def extraction_bench(work: Path, size: str = "7b") -> dict:
+    """A `size`-shaped bf16 elastic checkpoint extracted at half width, side by side with `cp -r`
+    (wall time, peak RssAnon, bit-exactness), and a 70B-shaped `--dry-run` plan. Removes what it wrote."""
     work.mkdir(parents=True, exist_ok=True)
     for leftover in ("copy", "half", "llama70b-elastic"):
         shutil.rmtree(work / leftover, ignore_errors=True)
+    need = 2.4 * 2 * sum(math.prod(shape) for _, shape in llama_tensors(size))
     free = shutil.disk_usage(work).free
-    if free < 32e9:
-        sys.exit(f"bench_extract: needs ~32 GB free disk, have {free / 1e9:.0f} GB")
-    src = work / "llama7b-elastic"
+    if free < need:
+        raise SystemExit(f"bench_extract: needs ~{need / 1e9:.0f} GB free disk, have {free / 1e9:.0f} GB")
+    src = work / f"llama{size}-elastic"
     t = time.time()
     if (src / "flex_elastic.json").exists() and (src / "model.safetensors.index.json").exists():
         print(f"reusing {src}", file=sys.stderr)  # a complete earlier generation (index and manifest come last)
@@ -131,7 +136,7 @@ def main() -> None:
         c.save_pretrained(src)
     else:
         shutil.rmtree(src, ignore_errors=True)
-        write_elastic(src, "7b", sparse=False)
+        write_elastic(src, size, sparse=False)
     gen_s = time.time() - t
     src_bytes = sum(f.stat().st_size for f in src.iterdir())
     cold = drop_caches()
@@ -158,9 +163,10 @@ def main() -> None:
         with safe_open(str(d / "model.safetensors"), "pt") as st:
             return {k: "model.safetensors" for k in st.keys()}
     idx, sidx = weight_map(work / "half"), weight_map(src)
-    for name, rows, cols in (("model.layers.3.mlp.gate_proj.weight", 5504, None),
-                             ("model.layers.31.mlp.down_proj.weight", None, 5504),
-                             ("model.layers.7.self_attn.q_proj.weight", 2048, None)):
+    h, f, n, heads, _, _ = SHAPES[size]
+    for name, rows, cols in ((f"model.layers.{n - 1}.mlp.gate_proj.weight", f // 2, None),
+                             (f"model.layers.{n // 2}.mlp.down_proj.weight", None, f // 2),
+                             ("model.layers.1.self_attn.q_proj.weight", h // 2, None)):
         with safe_open(str(src / sidx[name]), "pt") as a, safe_open(str(work / "half" / idx[name]), "pt") as b:
             want = a.get_slice(name)[:rows] if rows else a.get_slice(name)[:, :cols]
             exact &= torch.equal(want, b.get_tensor(name))
@@ -183,7 +189,7 @@ def main() -> None:
     shutil.rmtree(big)
 
     res = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "cold_cache": cold},
-           "7b": {"source_bytes": src_bytes, "generate_s": round(gen_s, 1), "cp_r_s": round(cp_s, 1),
+           "shape": size, "checkpoint": {"source_bytes": src_bytes, "generate_s": round(gen_s, 1), "cp_r_s": round(cp_s, 1),
                   "extract_s": round(ex_s, 1), "extract_over_cp": round(ex_s / cp_s, 3),
                   "peak_rss_anon_bytes": rss, "output_bytes": out_bytes, "bit_exact": exact},
            "70b_dry_run": {"planned_bytes": doc["models"][0]["planned_bytes"], "files": doc["models"][0]["planned_files"],
@@ -191,10 +197,18 @@ def main() -> None:
                            "source_disk_bytes": disk_used}}
     res["targets"] = {"E1 peak RssAnon <= 1 GB": rss <= 1e9, "E2 wall <= 1.5x cp -r": ex_s <= 1.5 * cp_s,
                       "E3 bit-exact vs get_slice": exact, "E4 70B plan < 1 s": plan_s < 1.0}
+    return res
+
+
+def main() -> None:
+    res = extraction_bench(ROOT / "bench-out" / "extract", "7b")
+    rss, cold, exact = res["checkpoint"]["peak_rss_anon_bytes"], res["machine"]["cold_cache"], res["checkpoint"]["bit_exact"]
+    src_bytes, out_bytes, plan_s = res["checkpoint"]["source_bytes"], res["checkpoint"]["output_bytes"], res["70b_dry_run"]["plan_s_in_process"]
+    plan_wall = res["70b_dry_run"]["cli_wall_s"]
     out = ROOT / "docs" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "extract.json").write_text(json.dumps(res, indent=2) + "\n")
-    r7 = res["7b"]
+    r7 = res["checkpoint"]
     md = ["# Out-of-core extraction (bench/bench_extract.py)", "",
           f"Machine: {platform.platform()}, torch {torch.__version__}; page cache dropped before each run: {cold}.", "",
           f"Synthetic Llama-2-7B-shaped bf16 elastic checkpoint, {src_bytes / 1e9:.2f} GB in 2 shards, extracted at "

@@ -29,6 +29,47 @@ def throughput(model, step_loss, tokens, steps: int, batch: int, seq: int) -> fl
     return res.tokens_per_s
 
 
+def training_throughput(base: Path, steps: int, batch: int = 16, seq: int = 256) -> dict:
+    """Tokens/s side by side on the same weights (interleaved, best of two rounds): plain training of the
+    stock model vs elastic training, with and without distillation, and the elastic runtime at full width."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexcli.arch import Dims, detect
+    from flexcli.data import token_stream
+    from flexcli.elastic import ElasticModel
+    from flexcli.elastic_train import make_step_loss
+    from flexcli.recipe import TrainSection
+    from flexcli.spec import ElasticSpec
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(base)
+    tokens = token_stream(tok, "stdlib", max(400_000, 4 * (steps + 2) * batch * seq))
+    stock = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().requires_grad_(False)
+    cfgd = model.config.to_dict()
+    spec = ElasticSpec.build("llama", Dims.from_config(cfgd), [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25],
+                             [1.0, 0.75, 0.5, 0.25])
+    elastic = ElasticModel(model, detect(cfgd), spec)
+    rows: dict[str, float] = {}
+    for _round in range(2):  # interleave, keep the best of two rounds
+        for name, m, fn in [
+            ("plain CE (stock model)", stock, None),
+            ("elastic runtime, full width, CE", model, make_step_loss(elastic, model, None, TrainSection(p_full=1.0))),
+            ("elastic CE (p_full 0.33, per-layer)", model, make_step_loss(elastic, model, None, TrainSection())),
+            ("plain KD (full width)", model, make_step_loss(elastic, model, teacher, TrainSection(p_full=1.0, distill=1.0))),
+            ("elastic KD (p_full 0.33, per-layer)", model, make_step_loss(elastic, model, teacher, TrainSection(distill=1.0))),
+        ]:
+            tps = throughput(m, fn, tokens, steps, batch, seq)
+            rows[name] = max(rows.get(name, 0.0), tps)
+    base_tps = rows["plain CE (stock model)"]
+    return {"steps": steps, "batch": batch, "seq": seq, "tok_s": {k: round(v, 1) for k, v in rows.items()},
+            "ratios": {
+                "elastic runtime at full width / stock": round(rows["elastic runtime, full width, CE"] / base_tps, 3),
+                "elastic CE / plain CE": round(rows["elastic CE (p_full 0.33, per-layer)"] / base_tps, 3),
+                "elastic KD / plain KD": round(rows["elastic KD (p_full 0.33, per-layer)"] / rows["plain KD (full width)"], 3)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out")
@@ -56,39 +97,8 @@ def main() -> None:
     after = {r["name"]: r["ppl"] for r in t["after"]}
     orig_ppl = math.exp(info["heldout_loss"])
 
-    # (c) throughput, side by side on the same weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from flexcli.arch import Dims, detect
-    from flexcli.data import token_stream
-    from flexcli.elastic import ElasticModel
-    from flexcli.elastic_train import make_step_loss
-    from flexcli.recipe import TrainSection
-    from flexcli.spec import ElasticSpec
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(base)
-    tokens = token_stream(tok, "stdlib", 400_000)
-    stock = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval().requires_grad_(False)
-    cfgd = model.config.to_dict()
-    spec = ElasticSpec.build("llama", Dims.from_config(cfgd), [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25],
-                             [1.0, 0.75, 0.5, 0.25])
-    elastic = ElasticModel(model, detect(cfgd), spec)
-    n, B, S = args.throughput_steps, 16, 256
-    rows = {}
-    for _round in range(2):  # interleave, keep the best of two rounds
-        for name, m, fn in [
-            ("plain CE (stock model)", stock, None),
-            ("elastic runtime, full width, CE", model, make_step_loss(elastic, model, None, TrainSection(p_full=1.0))),
-            ("elastic CE (p_full 0.33, per-layer)", model, make_step_loss(elastic, model, None, TrainSection())),
-            ("plain KD (full width)", model, make_step_loss(elastic, model, teacher, TrainSection(p_full=1.0, distill=1.0))),
-            ("elastic KD (p_full 0.33, per-layer)", model, make_step_loss(elastic, model, teacher, TrainSection(distill=1.0))),
-        ]:
-            tps = throughput(m, fn, tokens, n, B, S)
-            rows[name] = max(rows.get(name, 0.0), tps)
-    base_tps = rows["plain CE (stock model)"]
+    tp = training_throughput(base, args.throughput_steps)
+    rows = tp["tok_s"]
     results = {
         "machine": {"platform": platform.platform(), "cpu": platform.processor(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__},
@@ -99,12 +109,8 @@ def main() -> None:
                      "rel_change": round(after["full"] / orig_ppl - 1, 4)},
         "ppl_uniform_50": {"prune_only": before["uniform 50%"], "elastic": after["uniform 50%"]},
         "ppl_all": {"prune_only": before, "elastic": after},
-        "throughput_tok_s": {k: round(v, 1) for k, v in rows.items()},
-        "throughput_ratios": {
-            "elastic runtime at full width / stock": round(rows["elastic runtime, full width, CE"] / base_tps, 3),
-            "elastic CE / plain CE": round(rows["elastic CE (p_full 0.33, per-layer)"] / base_tps, 3),
-            "elastic KD / plain KD": round(rows["elastic KD (p_full 0.33, per-layer)"] / rows["plain KD (full width)"], 3),
-        },
+        "throughput_tok_s": rows,
+        "throughput_ratios": tp["ratios"],
     }
     results["claims"] = {
         "(a) 50% width well below prune-only": after["uniform 50%"] < 0.75 * before["uniform 50%"],

@@ -14,6 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(2)
 
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path_factory, monkeypatch):
+    """Every test runs in its own empty directory: commands that record outputs in ./flex-project.json or
+    default their output to the working directory never touch the repository."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),

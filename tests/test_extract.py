@@ -164,3 +164,27 @@ def test_dry_run_plan_matches_real_output(tmp_path, tokenizer_dir, calib_file):
     assert len(files) > 1 and (tmp_path / "sub" / "model.safetensors.index.json").exists()
     assert sum((tmp_path / "sub" / f).stat().st_size for f in files) == plan["planned_bytes"]
     assert json.loads(real.stdout)["models"][0]["params"] == plan["params"]
+
+
+def test_uniform_head_count_llama_config_rejects_goes_flex(tmp_path, tokenizer_dir, calib_file):
+    """transformers' LlamaConfig refuses hidden_size % heads != 0 even with an explicit head_dim (6 of 8 heads
+    at hidden 64, like 24 of 32 on Llama-2-7B): auto writes the flex format, --format stock says why."""
+    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
+    args = ["extract", str(el), "--uniform", "mlp=0.5,heads=0.75", "-o", str(tmp_path / "sub")]
+    res = runner.invoke(app, [*args, "--format", "stock"])
+    assert res.exit_code == 2 and "transformers rejects" in res.stderr and "--format flex" in res.stderr
+    assert not (tmp_path / "sub").exists()
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.stderr
+    m = json.loads(res.stdout)["models"][0]
+    assert m["format"] == "flex" and {c["heads"] for c in m["config"]} == {6}
+    info, logits = _fresh(tmp_path / "sub", True, tmp_path)
+    assert info["class"] == "FlexLlamaForCausalLM" and info["params"] == m["params"]
+    assert rel_err(logits, _reference(el, config_from_json(m["config"]))) <= 1e-5
+    # the same architecture trained from scratch (`flex pretrain --like`) saves and reloads in the flex format
+    res = runner.invoke(app, ["pretrain", "-o", str(tmp_path / "scratch"), "--like", str(tmp_path / "sub"), "--corpus",
+                              str(calib_file), "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--json"])
+    assert res.exit_code == 0, res.stderr
+    info, _ = _fresh(tmp_path / "scratch", True, tmp_path)
+    assert info["class"] == "FlexLlamaForCausalLM" and info["params"] == m["params"]
+    assert (tmp_path / "scratch" / "modeling_flexcli.py").exists()

@@ -224,6 +224,7 @@ def pretrain(
     lr: Annotated[float, typer.Option("--lr")] = 3e-3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on AMX/AVX512-BF16 CPUs and GPUs), fp32 or bf16.")] = "auto",
+    like: Annotated[Path | None, typer.Option("--like", help="Take architecture and tokenizer from this model directory (fresh weights; --size is ignored).")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -235,7 +236,7 @@ def pretrain(
         typer.echo(f"{r.params / 1e6:.2f}M params, {r.train_tokens} tokens in {r.seconds:.0f}s "
                    f"({r.tokens_per_s:.0f} tok/s); held-out ppl {r.heldout_ppl:.2f}", err=True)
 
-    run(lambda rep: do_pretrain(output, corpus, size, steps, batch_size, seq_len, lr, seed, force, precision, rep), as_json, render)
+    run(lambda rep: do_pretrain(output, corpus, size, steps, batch_size, seq_len, lr, seed, force, precision, rep, like), as_json, render)
 
 
 def _elastic_arg(path: Path | None) -> Path:
@@ -307,6 +308,7 @@ def train_router_cmd(
     dynamic_steps: Annotated[int, typer.Option("--dynamic-steps", min=1, help="Input-adaptive router steps.")] = 200,
     joint_steps: Annotated[int, typer.Option("--joint-steps", min=0, help="Joint LLM + static router fine-tuning steps (0 = skip).")] = 0,
     sm_warmup: Annotated[int, typer.Option("--sm-warmup", min=8, help="Surrogate warm-up configurations.")] = 256,
+    surrogate: Annotated[bool, typer.Option("--surrogate/--no-surrogate", help="Train the static router through the surrogate model (default) or directly on the LM loss (ablation).")] = True,
     regime: Annotated[str | None, typer.Option("--regime", help="Latency-table regime key (or a unique part of it) [default: newest].")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Text for router training and evaluation [default: the conversion's].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
@@ -320,7 +322,7 @@ def train_router_cmd(
 
     def work(rep: Reporter):
         h = RouterHyper(steps=steps, dynamic_steps=dynamic_steps, joint_steps=joint_steps, sm_warmup=sm_warmup,
-                        batch_size=batch_size, seq_len=seq_len, seed=seed)
+                        batch_size=batch_size, seq_len=seq_len, surrogate=surrogate, seed=seed)
         return train_router(_elastic_arg(elastic), budgets, static, dynamic, h, regime, data, reporter=rep)
 
     def render(r) -> None:

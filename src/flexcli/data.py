@@ -1,8 +1,13 @@
 """Text corpora for calibration and training: files, directories, JSONL, and the built-in stdlib corpus.
 
-The built-in corpus ``stdlib`` is the Python standard library's own source tree, present on every
-machine with Python. Files are split deterministically into train / held-out by a hash of their
-relative path, so every machine sees the same split.
+Two built-in corpora are present on every machine with Python:
+
+- ``stdlib``: the Python standard library's own source tree (code), without ``pydoc_data/``. Files are
+  split deterministically into train / held-out by a hash of their relative path, so every machine
+  sees the same split.
+- ``pydoc``: English prose, the language-reference topics CPython ships for ``help()``
+  (``Lib/pydoc_data/topics.py``), one document per topic. It is a second, different-domain corpus for
+  evaluation; it has no split (every topic is in both), and it is not part of ``stdlib``.
 """
 
 from __future__ import annotations
@@ -18,21 +23,25 @@ import torch
 from .errors import UsageError
 
 STDLIB = "stdlib"
+PYDOC = "pydoc"
+BUILTIN = (STDLIB, PYDOC)
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".csv", ".tex", ".html", ".c", ".h", ""}
 
 
 def stdlib_files(split: str = "train", heldout_pct: int = 5) -> list[Path]:
-    """The stdlib's .py files (no site-packages), sorted; `split` is 'train' or 'heldout'."""
+    """The stdlib's .py files (no site-packages), `split` 'train' or 'heldout', in a fixed pseudo-random
+    order (by a hash of the relative path), so that any prefix of the stream is a sample of the whole
+    library rather than its alphabetically first packages."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    out = []
-    for p in sorted(root.rglob("*.py")):
+    keyed = []
+    for p in root.rglob("*.py"):
         rel = p.relative_to(root).as_posix()
-        if rel.startswith(("site-packages/", "dist-packages/")) or "/site-packages/" in rel:
+        if rel.startswith(("site-packages/", "dist-packages/", "pydoc_data/")) or "/site-packages/" in rel:
             continue
-        bucket = int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) % 100
-        if (bucket < heldout_pct) == (split == "heldout"):
-            out.append(p)
-    return out
+        h = hashlib.sha256(rel.encode()).hexdigest()
+        if (int(h[:8], 16) % 100 < heldout_pct) == (split == "heldout"):
+            keyed.append((h[8:], p))
+    return [p for _, p in sorted(keyed)]
 
 
 def _read_text_file(p: Path) -> str:
@@ -59,8 +68,20 @@ def _read_jsonl(p: Path) -> Iterator[str]:
         yield text
 
 
+def pydoc_topics() -> list[str]:
+    """The prose of CPython's help() topics, sorted by topic name."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise UsageError("corpus 'pydoc' needs pydoc_data, which this Python installation lacks") from None
+    return [topics[k] for k in sorted(topics)]
+
+
 def iter_documents(source: str | Path, split: str = "train") -> Iterator[str]:
-    """Yield documents from a text file, a JSONL file (`text` field), a directory, or 'stdlib'."""
+    """Yield documents from a text file, a JSONL file (`text` field), a directory, 'stdlib' or 'pydoc'."""
+    if str(source) == PYDOC:
+        yield from pydoc_topics()
+        return
     if str(source) == STDLIB:
         for p in stdlib_files(split):
             try:

@@ -176,6 +176,19 @@ def resolve_targets(path: Path, spec: ElasticSpec, budget: str | None, config_fi
     return targets, table
 
 
+def stock_config_problem(config: dict[str, Any]) -> str | None:
+    """Why the family's stock transformers config class refuses `config` (e.g. LlamaConfig wants
+    hidden_size to be a multiple of the head count even with an explicit head_dim), or None."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(**config)
+    except Exception as e:  # transformers raises ValueError or its strict-dataclass validation error
+        cause = e.__cause__ or e
+        return str(cause).strip().splitlines()[-1].strip()
+    return None
+
+
 def hf_config_for(base: dict[str, Any], spec: ElasticSpec, cfg: Config, fmt: str) -> tuple[dict[str, Any], str]:
     """config.json for the sub-model and its format: 'stock' when every layer has the same sizes."""
     uniform = len(set(cfg)) == 1
@@ -188,8 +201,13 @@ def hf_config_for(base: dict[str, Any], spec: ElasticSpec, cfg: Config, fmt: str
     out.pop("auto_map", None)
     out.pop("flex_layers", None)
     if uniform and fmt != "flex":
-        out.update(intermediate_size=m0, num_attention_heads=h0, num_key_value_heads=spec.kv_heads(h0))
-        return out, "stock"
+        stock = {**out, "intermediate_size": m0, "num_attention_heads": h0, "num_key_value_heads": spec.kv_heads(h0)}
+        problem = stock_config_problem(stock)
+        if problem is None:
+            return stock, "stock"
+        if fmt == "stock":
+            raise UsageError(f"--format stock: transformers rejects this configuration ({problem}); "
+                             "use --format flex or auto")
     out.update(intermediate_size=max(m for m, _ in cfg), num_attention_heads=max(h for _, h in cfg),
                num_key_value_heads=max(spec.kv_heads(h) for _, h in cfg))
     out["flex_layers"] = [{"intermediate_size": m, "num_attention_heads": h, "num_key_value_heads": spec.kv_heads(h)}

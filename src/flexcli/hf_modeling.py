@@ -40,6 +40,13 @@ def make_classes(base):
     class FlexConfig(base_config):
         model_type = "flexcli_" + base
 
+        def validate(self):
+            """The family's own checks, except hidden_size % heads: head_dim is explicit here (transformers'
+            LlamaConfig insists on divisibility; pruned head counts such as 24 of 32 break it)."""
+            for check in getattr(base_config, "__class_validators__", []):
+                if check.__name__ != "validate_architecture":
+                    check(self)
+
     class FlexForCausalLM(base_model):
         config_class = FlexConfig
 

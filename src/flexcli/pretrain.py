@@ -73,12 +73,30 @@ class PretrainResult:
     corpus: str
 
 
+def model_like(like: Path, seed: int):
+    """(tokenizer, randomly initialised model) with the architecture and tokenizer of the model in `like`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(like) / "config.json").is_file():
+        raise UsageError(f"--like {like}: no config.json there; pass a Hugging Face model directory")
+    from . import register_auto_classes
+
+    register_auto_classes()  # flex-format sub-models (per-layer widths) too
+    cfg = AutoConfig.from_pretrained(like, local_files_only=True, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(like, local_files_only=True)
+    torch.manual_seed(seed)
+    return tok, AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
 def pretrain(out: Path, corpus: str = STDLIB, size: str = "small", steps: int = 600, batch_size: int = 16,
              seq_len: int = 256, lr: float = 3e-3, seed: int = 0, force: bool = False,
-             precision: str = "auto", reporter: Reporter | None = None) -> PretrainResult:
-    """Train tokenizer and model, evaluate on the held-out split, write a HF model directory OUT."""
+             precision: str = "auto", reporter: Reporter | None = None, like: Path | None = None) -> PretrainResult:
+    """Train tokenizer and model, evaluate on the held-out split, write a HF model directory OUT.
+
+    With `like`, the architecture and tokenizer come from that model directory (weights are freshly
+    initialised): the same architecture trained from scratch, e.g. as a baseline for a sub-model."""
     rep = reporter or Reporter()
-    if size not in SIZES:
+    if like is None and size not in SIZES:
         raise UsageError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if precision not in ("auto", "fp32", "bf16"):
         raise UsageError(f"precision must be auto, fp32 or bf16, got {precision!r}")
@@ -87,14 +105,18 @@ def pretrain(out: Path, corpus: str = STDLIB, size: str = "small", steps: int = 
     out = out.resolve()
     check_output(out, force)
     torch.manual_seed(seed)
-    with rep.task("training tokenizer"):
-        tok = train_tokenizer(corpus, SIZES[size][5])
+    if like is not None:
+        tok, model = model_like(like, seed)
+    else:
+        with rep.task("training tokenizer"):
+            tok = train_tokenizer(corpus, SIZES[size][5])
     need = steps * batch_size * seq_len
     with rep.task("tokenizing corpus"):
         tokens, heldout = train_and_heldout(tok, corpus, min(need, 20_000_000), 64, seq_len)
     if tokens.numel() <= seq_len + 1:
         raise UsageError(f"corpus {corpus} has {tokens.numel()} tokens, too few for sequences of {seq_len}")
-    model = make_llama(size, len(tok), seq_len, seed)
+    if like is None:
+        model = make_llama(size, len(tok), seq_len, seed)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=max(1, steps // 20),
                       seed=seed, precision=precision)
     t0 = time.time()
@@ -103,7 +125,11 @@ def pretrain(out: Path, corpus: str = STDLIB, size: str = "small", steps: int = 
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / "flex_pretrain.json", {"corpus": str(corpus), "train": asdict(cfg),
+        if model.config.model_type.startswith("flexcli_"):  # per-layer widths: ship flexcli's own modeling file
+            from .extract import modeling_source
+
+            (tmp / "modeling_flexcli.py").write_text(modeling_source(model.config.model_type.removeprefix("flexcli_")))
+        write_json(tmp / "flex_pretrain.json", {"corpus": str(corpus), "train": asdict(cfg), "like": like and str(like),
                                                 "train_tokens": res.tokens, "heldout_loss": loss})
     params = sum(p.numel() for p in model.parameters())
     return PretrainResult(str(out), params, res.tokens, round(time.time() - t0, 1), res.tokens_per_s,

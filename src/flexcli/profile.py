@@ -221,16 +221,47 @@ def validation_stats(pred: list[float], meas: list[float]) -> dict[str, Any]:
             "mean_signed_err": sum(errs) / len(errs), "max_abs_err": abs_sorted[-1]}
 
 
-def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> ProfileResult:
-    """Measure (and store in ELASTIC/flex_latency.json) the latency table of one regime."""
+@dataclass
+class Session:
+    """One elastic checkpoint loaded for timing in one regime."""
+    model: Any
+    arch: Any
+    spec: ElasticSpec
+    regime: Regime
+    runner: Runner
+    o: ProfileOptions
+    max_spread: float
+
+    def time(self, cfg: Config) -> float:
+        """End-to-end ms of the model physically sliced to `cfg` (median of repeats)."""
+        sub = sliced_model(self.model, self.arch, self.spec, cfg)
+        try:
+            return time_fn(self.runner.model_fn(sub), self.runner.sync, self.o, self.max_spread).ms
+        finally:
+            del sub
+
+    def measure(self, cfgs: list[Config], what: str, rep: Reporter, refs: list[float] | None = None) -> list[float]:
+        """End-to-end ms per configuration; with `refs`, also the full model timed just before each."""
+        full_fn = self.runner.model_fn(sliced_model(self.model, self.arch, self.spec, self.spec.full())) \
+            if refs is not None else None
+        out = []
+        with rep.task(what, total=len(cfgs)) as task:
+            for cfg in cfgs:
+                if full_fn is not None:
+                    refs.append(time_fn(full_fn, self.runner.sync, self.o, self.max_spread).ms)
+                out.append(self.time(cfg))
+                task.advance(1)
+        return out
+
+
+def open_session(path: Path, o: ProfileOptions) -> Session:
+    """Validate the options and load ELASTIC on the regime's device and dtype (inference only)."""
     from transformers import AutoModelForCausalLM
 
     from .arch import all_architectures
     from .convert import resolve_device
     from .elastic import read_manifest
 
-    rep = reporter or Reporter()
-    t_start = time.time()
     manifest = read_manifest(path)
     if "spec" not in manifest:
         raise UsageError(f"{path}/flex_elastic.json has no elastic spec; run `flex convert` again")
@@ -247,10 +278,30 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
         raise UsageError("--cuda-graphs needs --device cuda")
     regime = Regime(device.type, device_name(device), o.dtype, o.batch, o.seq_len if o.phase == "prefill" else 1,
                     o.phase, kv, o.cuda_graphs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, o.dtype), local_files_only=True,
+                                                 trust_remote_code=False).to(device).eval()
+    return Session(model, arch, spec, regime, Runner(model, o, device), o, max_spread)
+
+
+@torch.inference_mode()
+def measure_configs(path: Path, cfgs: list[Config], o: ProfileOptions, reporter: Reporter | None = None,
+                    with_full: bool = False) -> tuple[list[float], list[float]]:
+    """(end-to-end ms per configuration, full-model ms timed just before each when `with_full`) of
+    ELASTIC sliced to each configuration, in the regime `o` describes."""
+    sess = open_session(path, o)
+    refs: list[float] | None = [] if with_full else None
+    meas = sess.measure(cfgs, f"timing {len(cfgs)} configurations", reporter or Reporter(), refs)
+    return meas, refs or []
+
+
+def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> ProfileResult:
+    """Measure (and store in ELASTIC/flex_latency.json) the latency table of one regime."""
+    rep = reporter or Reporter()
+    t_start = time.time()
     with torch.inference_mode():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, o.dtype), local_files_only=True,
-                                                     trust_remote_code=False).to(device).eval()
-        runner = Runner(model, o, device)
+        sess = open_session(path, o)
+        model, arch, spec, regime, runner = sess.model, sess.arch, sess.spec, sess.regime, sess.runner
+        max_spread = sess.max_spread
         L = spec.dims.num_layers
         mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
         combos = [(m, h) for m in mlp for h in heads]
@@ -275,32 +326,16 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
                   "fit": o.fit, "raw_ms": raw}
         table = LatencyTable(regime, header, fixed.ms, [list(mlp)] * L, [list(heads)] * L, [ms] * L, [spread] * L)
 
-        full_sub = sliced_model(model, arch, spec, spec.full())
-        full_fn = runner.model_fn(full_sub)
-
-        def measure(cfgs: list[Config], what: str, refs: list[float] | None = None) -> list[float]:
-            """End-to-end ms per configuration; with `refs`, also the full model timed just before each."""
-            out = []
-            with rep.task(what, total=len(cfgs)) as task:
-                for cfg in cfgs:
-                    if refs is not None:
-                        refs.append(time_fn(full_fn, runner.sync, o, max_spread).ms)
-                    sub = sliced_model(model, arch, spec, cfg)
-                    out.append(time_fn(runner.model_fn(sub), runner.sync, o, max_spread).ms)
-                    del sub
-                    task.advance(1)
-            return out
-
         if o.correct:
             cfgs = random_configs(spec, o.correct, o.seed + 1)
-            meas = measure(cfgs, f"correction ({o.correct} configurations)")
+            meas = sess.measure(cfgs, f"correction ({o.correct} configurations)", rep)
             pred = [table.predict(c, corrected=False) for c in cfgs]
             table.scale = sum(p * m for p, m in zip(pred, meas)) / sum(p * p for p in pred)
             table.header["correction"] = {"n": o.correct, "scale": table.scale}
         if o.validate:
             cfgs = random_configs(spec, o.validate, o.seed + 2)
             refs: list[float] = []
-            meas = measure(cfgs, f"validation ({o.validate} configurations)", refs)
+            meas = sess.measure(cfgs, f"validation ({o.validate} configurations)", rep, refs)
             pred = [table.predict(c) for c in cfgs]
             # The same errors with each measurement rescaled by the machine's speed at that moment (the
             # full model timed just before it, relative to the table's full model): separates the

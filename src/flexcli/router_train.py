@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,7 @@ class RouterHyper:
     seq_len: int = 128
     loss_batches: int = 2  # fixed batches that define a configuration's "true" loss
     p_full: float = 0.33  # joint stage
+    surrogate: bool = True  # False: the static router learns from the LM loss itself (ablation, no SM)
     seed: int = 0
 
 
@@ -239,13 +242,10 @@ def eval_dynamic(elastic: ElasticModel, router: DynamicRouter, table: LatencyTab
     return total / count, sum(lat) / len(lat)
 
 
-def train_joint(elastic: ElasticModel, router: StaticRouter, table: LatencyTable, targets: list[float],
-                tokens: torch.Tensor, h: RouterHyper, rep: Reporter) -> dict[str, Any]:
-    """Fine-tune LLM and static router together: CE at the router's argmax configuration, outputs gated
-    by the chosen probabilities (straight-through), plus the latency loss; full model with p_full."""
-    from .train import sample_batch
-
-    spec, model = elastic.spec, elastic.model
+@contextmanager
+def gated_outputs(elastic: ElasticModel) -> Iterator[list[list[torch.Tensor | None]]]:
+    """Forward hooks that multiply each layer's MLP and attention outputs by gates[i][0] / gates[i][1]
+    (None = ungated) while the context is open."""
     mlp_name = elastic.arch.tap("neuron").rsplit(".", 1)[0]
     attn_name = elastic.arch.tap("qhead").rsplit(".", 1)[0]
     gates: list[list[torch.Tensor | None]] = [[None, None] for _ in elastic.layers]
@@ -260,6 +260,76 @@ def train_joint(elastic: ElasticModel, router: StaticRouter, table: LatencyTable
 
     hooks = [getattr(layer, name).register_forward_hook(gate_hook(i, w))
              for i, layer in enumerate(elastic.layers) for w, name in ((0, mlp_name), (1, attn_name))]
+    try:
+        yield gates
+    finally:
+        for hk in hooks:
+            hk.remove()
+        elastic.set_config(None)
+
+
+def route_straight_through(elastic: ElasticModel, gates: list, pm: torch.Tensor, ph: torch.Tensor) -> None:
+    """Set the argmax configuration of (L, K) / (L, J) probabilities; gates are 1 in value and carry the
+    gradient of the chosen probabilities (straight-through)."""
+    spec = elastic.spec
+    km, kh = pm.argmax(-1), ph.argmax(-1)
+    elastic.set_config([(spec.layers[i].mlp[k], spec.layers[i].heads[j])
+                        for i, (k, j) in enumerate(zip(km.tolist(), kh.tolist()))])
+    for i in range(len(gates)):
+        sm_, sh_ = pm[i, km[i]], ph[i, kh[i]]
+        gates[i][0], gates[i][1] = sm_ / sm_.detach(), sh_ / sh_.detach()
+
+
+def _ce(model, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def train_static_direct(elastic: ElasticModel, table: LatencyTable, targets: list[float], tokens: torch.Tensor,
+                        h: RouterHyper, rep: Reporter) -> tuple[StaticRouter, dict[str, Any]]:
+    """The static router trained without the surrogate (ablation): the LM loss of the frozen LLM at the
+    router's straight-through argmax configuration on a fresh batch, plus lam * latency_loss, backpropagated
+    into the router every step. Same schedules, sizes and seed as `train_static`."""
+    from .train import sample_batch
+
+    spec, model = elastic.spec, elastic.model
+    L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
+    torch.manual_seed(h.seed)
+    router = StaticRouter(len(targets), L, K, J, h.hidden)
+    opt = torch.optim.Adam(router.parameters(), lr=h.lr)
+    g = torch.Generator().manual_seed(h.seed + 7)
+    model.requires_grad_(False)
+    losses = []
+    try:
+        with gated_outputs(elastic) as gates, rep.task("static router (direct LM loss, no surrogate)",
+                                                       total=h.steps) as task:
+            for step in range(h.steps):
+                t = step % len(targets)
+                scale = 1 + 9 * step / max(1, h.steps - 1)
+                lm, lh = router(torch.eye(len(targets))[t][None])
+                pm = gumbel_probs(lm[0] * scale, tau_at(step, h.steps, h), g)  # (L, K)
+                ph = gumbel_probs(lh[0] * scale, tau_at(step, h.steps, h), g)  # (L, J)
+                route_straight_through(elastic, gates, pm, ph)
+                ce = _ce(model, sample_batch(tokens, h.batch_size, h.seq_len, g))
+                loss = ce + h.lam * latency_loss(table.expected(list(pm), list(ph)), torch.tensor(targets[t]),
+                                                 h.dead_zone)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(ce.item())
+                task.advance(1, loss=f"{ce.item():.3f}")
+    finally:
+        model.requires_grad_(True)
+    return router, {"steps": h.steps, "surrogate": False, "final_ce": sum(losses[-20:]) / max(1, len(losses[-20:]))}
+
+
+def train_joint(elastic: ElasticModel, router: StaticRouter, table: LatencyTable, targets: list[float],
+                tokens: torch.Tensor, h: RouterHyper, rep: Reporter) -> dict[str, Any]:
+    """Fine-tune LLM and static router together: CE at the router's argmax configuration, outputs gated
+    by the chosen probabilities (straight-through), plus the latency loss; full model with p_full."""
+    from .train import sample_batch
+
+    model = elastic.model
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": h.joint_lr, "weight_decay": 0.0},
                              {"params": router.parameters(), "lr": h.lr}])
     g = torch.Generator().manual_seed(h.seed + 13)
@@ -267,7 +337,8 @@ def train_joint(elastic: ElasticModel, router: StaticRouter, table: LatencyTable
     model.train()
     losses = []
     try:
-        with rep.task("joint fine-tuning (LLM + static router)", total=h.joint_steps) as task:
+        with gated_outputs(elastic) as gates, rep.task("joint fine-tuning (LLM + static router)",
+                                                       total=h.joint_steps) as task:
             for step in range(h.joint_steps):
                 x = sample_batch(tokens, h.batch_size, h.seq_len, g)
                 if rng.random() < h.p_full:
@@ -279,15 +350,9 @@ def train_joint(elastic: ElasticModel, router: StaticRouter, table: LatencyTable
                     t = step % len(targets)
                     lm, lh = router(torch.eye(len(targets))[t][None])
                     pm, ph = gumbel_probs(lm[0] * 10, h.tau_end, g), gumbel_probs(lh[0] * 10, h.tau_end, g)
-                    km, kh = pm.argmax(-1), ph.argmax(-1)
-                    elastic.set_config([(spec.layers[i].mlp[k], spec.layers[i].heads[j])
-                                        for i, (k, j) in enumerate(zip(km.tolist(), kh.tolist()))])
-                    for i in range(len(gates)):
-                        sm_, sh_ = pm[i, km[i]], ph[i, kh[i]]
-                        gates[i][0], gates[i][1] = sm_ / sm_.detach(), sh_ / sh_.detach()
+                    route_straight_through(elastic, gates, pm, ph)
                     lat_loss = latency_loss(table.expected(list(pm), list(ph)), torch.tensor(targets[t]), h.dead_zone)
-                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-                ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+                ce = _ce(model, x)
                 loss = ce + h.lam * lat_loss
                 opt.zero_grad()
                 loss.backward()
@@ -296,8 +361,5 @@ def train_joint(elastic: ElasticModel, router: StaticRouter, table: LatencyTable
                 losses.append(ce.item())
                 task.advance(1, loss=f"{ce.item():.3f}")
     finally:
-        for hk in hooks:
-            hk.remove()
-        elastic.set_config(None)
         model.eval()
     return {"steps": h.joint_steps, "final_ce": sum(losses[-10:]) / max(1, len(losses[-10:]))}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .budget import parse_budgets
 from .checkpoint import update_dir
@@ -33,6 +34,7 @@ from .router_train import (
     train_dynamic,
     train_joint,
     train_static,
+    train_static_direct,
 )
 from .spec import Config, ElasticSpec, config_to_json
 
@@ -151,8 +153,10 @@ def train_router(path: Path, budgets: str | None, static: bool, dynamic: bool, h
 
     st_router = dyn_router = None
     st_stats = dyn_stats = joint_stats = None
-    if static:
+    if static and hyper.surrogate:
         st_router, st_stats = train_static(spec, table, targets, oracle, sm, hyper, rep)
+    elif static:
+        st_router, st_stats = train_static_direct(elastic, table, targets, tokens, hyper, rep)
     if dynamic:
         dyn_router, dyn_stats = train_dynamic(elastic, table, targets, tokens, sm, hyper, rep)
     with torch.no_grad():
@@ -235,21 +239,28 @@ def save_routers(path: Path, elastic: ElasticModel, st: StaticRouter | None, dyn
         shutil.rmtree(tmp_weights, ignore_errors=True)
 
 
-def load_static_router(path: Path) -> tuple[StaticRouter, dict[str, Any]] | None:
-    """The trained static router of ELASTIC and its metadata, or None when none was trained."""
+def load_router(path: Path, kind: str = "static") -> tuple[nn.Module, dict[str, Any]] | None:
+    """The trained `kind` ('static' or 'dynamic') router of ELASTIC and its metadata, or None when none
+    was trained."""
     from safetensors.torch import load_file
 
     f = path / ROUTERS_JSON
     if not f.is_file():
         return None
     doc = json.loads(f.read_text())
-    if not doc.get("static"):
+    if not doc.get(kind):
         return None
     if hashlib.sha256((path / ROUTERS_TENSORS).read_bytes()).hexdigest() != doc["sha256"]:
         raise UsageError(f"{path / ROUTERS_TENSORS} does not match {f}; run `flex train-router` again")
     spec = ElasticSpec.from_dict(read_manifest(path)["spec"])
-    sd = {k[len("static."):]: v for k, v in load_file(path / ROUTERS_TENSORS).items() if k.startswith("static.")}
-    r = StaticRouter(len(doc["targets_ms"]), spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads),
-                     doc["sizes"]["hidden"])
+    L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
+    sd = {k[len(kind) + 1:]: v for k, v in load_file(path / ROUTERS_TENSORS).items() if k.startswith(kind + ".")}
+    r: nn.Module = StaticRouter(len(doc["targets_ms"]), L, K, J, doc["sizes"]["hidden"]) if kind == "static" \
+        else DynamicRouter(len(doc["targets_ms"]), L, spec.dims.hidden_size, K, J)
     r.load_state_dict(sd)
     return r.eval(), doc
+
+
+def load_static_router(path: Path) -> tuple[StaticRouter, dict[str, Any]] | None:
+    """The trained static router of ELASTIC and its metadata, or None when none was trained."""
+    return load_router(path, "static")  # type: ignore[return-value]
