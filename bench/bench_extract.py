@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
-    "tiny": (256, 704, 2, 8, 8, 4096),
+    "tiny": (256, 768, 2, 8, 8, 4096),  # intermediate: half of it must be a multiple of 64 (MLP width choices)
     "1b": (2048, 5504, 16, 16, 16, 32000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
     "70b": (8192, 28672, 80, 64, 8, 32000),

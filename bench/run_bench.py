@@ -208,12 +208,18 @@ def st_quality(c: Ctx) -> dict:
                     rows.append({"method": name, "width": r, "layer_share": layer_share(el.spec, cfg),
                                  "params": param_count(el.spec, cfg), **ev.ppl(el.model)})
                 task.advance(1)
+        components = []  # which ranking helps: MLP neurons alone, heads alone (prune-only, 50%)
+        for name in ("prune-importance", "prune-random"):
+            el = load_elastic(c.path(name))
+            for mr, hr in ((0.5, 1.0), (1.0, 0.5)):
+                with el.configured(el.spec.uniform(mr, hr)):
+                    components.append({"method": name, "mlp": mr, "heads": hr, **ev.ppl(el.model)})
         for r in WIDTHS[1:]:
             m = AutoModelForCausalLM.from_pretrained(c.path(f"scratch-{int(r * 100)}"), dtype=torch.float32).eval()
             rows.append({"method": "scratch", "width": r, "layer_share": layer_share(el.spec, el.spec.uniform(r, r)),
                          "params": sum(q.numel() for q in m.parameters()), **ev.ppl(m)})
             task.advance(1)
-    return {"rows": rows, "eval_tokens": {k: int(v.numel()) for k, v in ev.seqs.items()}}
+    return {"rows": rows, "components": components, "eval_tokens": {k: int(v.numel()) for k, v in ev.seqs.items()}}
 
 
 def identity(elastic_dir: Path, sub_dir: Path, cfg, seqs: torch.Tensor) -> dict:

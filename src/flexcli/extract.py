@@ -407,5 +407,6 @@ def verify_submodel(path: Path, sub: Path, spec: ElasticSpec, cfg: Config, table
             o = ProfileOptions(batch=r.batch, seq_len=r.seq_len if r.phase == "prefill" else 1, phase=r.phase,
                                kv_len=r.kv_len or None)
             runner = Runner(model, o, torch.device("cpu"))
-            measured = time_fn(runner.model_fn(model), runner.sync, o, 0.15).ms
+            with torch.inference_mode():  # as flex profile times
+                measured = time_fn(runner.model_fn(model), runner.sync, o, 0.15).ms
     return err, measured
