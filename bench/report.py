@@ -253,6 +253,23 @@ def _t(headers: list[str], rows: list[list[Any]]) -> list[str]:
         ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def scratch_line(Q: dict) -> str:
+    """The from-scratch baseline against the Flextron sub-models and the base model, in words."""
+    ws = [w for w in (0.75, 0.5, 0.25) if ("scratch", w) in Q]
+    beats = [w for w in ws if Q[("scratch", w)]["stdlib"] < Q[("flextron", w)]["stdlib"]]
+    base = Q[("base", 1.0)]["stdlib"]
+    below = [w for w in ws if Q[("scratch", w)]["stdlib"] < base]
+    pairs = ", ".join(f"{w:.0%} {Q[('scratch', w)]['stdlib']:.1f} vs {Q[('flextron', w)]['stdlib']:.1f}" for w in ws)
+    text = (f"- Trained from scratch on all T tokens, the sub-models' architectures are "
+            f"{'better than' if len(beats) == len(ws) else 'not uniformly better than'} the Flextron sub-models "
+            f"(better at {len(beats)}/{len(ws)} widths; {pairs}).")
+    if below:
+        text += (" At " + ", ".join(f"{w:.0%}" for w in below) + " they are even better than the full base model "
+                 f"({base:.1f}): at this token budget the smaller architectures train better than the base, so the "
+                 "base model, and every sub-network of it, starts behind them.")
+    return text
+
+
 def markdown(r: dict, d: dict, cl: list[dict], pngs: list[str]) -> str:
     h, base, conv = r["header"], r["base"], r["convert"]
     Q, rr = quality(r), r["routers"]
@@ -271,6 +288,7 @@ def markdown(r: dict, d: dict, cl: list[dict], pngs: list[str]) -> str:
            f"reaches {hl[0.5]['flextron']['stdlib']:.1f} against {hl[0.5]['prune-importance']['stdlib']:.1f} prune-only, "
            f"{hl[0.5]['random-trained']['stdlib']:.1f} with random order + the same training, and "
            f"{hl[0.5]['scratch']['stdlib']:.1f} for the same architecture trained from scratch on all T tokens.",
+           scratch_line(Q),
            f"- Latency table on this CPU: {val['within_10pct']:.0%} of {val['n']} random per-layer configurations "
            f"within ±10% of measured (p90 |err| {val['p90_abs_err']:.1%}).",
            "- Claims of method.md §6: " + ", ".join(f"{c['n']} {c['verdict']}" for c in cl) + " (table below).", ""]
