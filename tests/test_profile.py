@@ -52,6 +52,12 @@ def test_profile_writes_versioned_table_and_validation(elastic):
     assert v["drift_normalized"] == validation_stats([t.predict(c, corrected=False) for c in cfgs],
                                                      [m * full / r for m, r in zip(meas, refs)])
     assert t_full == [(128, 4)] * 2
+    # the correction: least squares on timings rescaled to the machine's speed at table time
+    corr = t.header["correction"]["configs"]
+    assert len(corr) == 2
+    cp = [t.predict([(x["mlp"], x["heads"]) for x in c["config"]], corrected=False) for c in corr]
+    cm = [c["measured_ms"] * full / c["full_model_ms_before"] for c in corr]
+    assert t.scale == pytest.approx(sum(p * m for p, m in zip(cp, cm)) / sum(p * p for p in cp))
     for c in v["configs"]:  # every stored prediction is the table's additive model
         cfg = [(x["mlp"], x["heads"]) for x in c["config"]]
         assert c["predicted_ms"] == pytest.approx(t.predict(cfg))

@@ -327,14 +327,23 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
         table = LatencyTable(regime, header, fixed.ms, [list(mlp)] * L, [list(heads)] * L, [ms] * L, [spread] * L)
 
         if o.correct:
+            # Fitted on timings rescaled to the machine's speed at table time (the full model timed just
+            # before each), so a slow or fast spell while these few run does not become a permanent bias:
+            # the scale corrects only what the additive model gets wrong.
             cfgs = random_configs(spec, o.correct, o.seed + 1)
-            meas = sess.measure(cfgs, f"correction ({o.correct} configurations)", rep)
+            refs: list[float] = []
+            meas = sess.measure(cfgs, f"correction ({o.correct} configurations)", rep, refs)
             pred = [table.predict(c, corrected=False) for c in cfgs]
-            table.scale = sum(p * m for p, m in zip(pred, meas)) / sum(p * p for p in pred)
-            table.header["correction"] = {"n": o.correct, "scale": table.scale}
+            full_pred = table.predict(spec.full(), corrected=False)
+            norm = [m * full_pred / r for m, r in zip(meas, refs)]
+            table.scale = sum(p * m for p, m in zip(pred, norm)) / sum(p * p for p in pred)
+            table.header["correction"] = {
+                "n": o.correct, "scale": table.scale,
+                "configs": [{"config": config_to_json(c), "measured_ms": m, "full_model_ms_before": r}
+                            for c, m, r in zip(cfgs, meas, refs)]}
         if o.validate:
             cfgs = random_configs(spec, o.validate, o.seed + 2)
-            refs: list[float] = []
+            refs = []
             meas = sess.measure(cfgs, f"validation ({o.validate} configurations)", rep, refs)
             pred = [table.predict(c) for c in cfgs]
             # The same errors with each measurement rescaled by the machine's speed at that moment (the
