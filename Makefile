@@ -27,7 +27,7 @@ test-slow: install
 	$(BIN)/python -m pytest -q tests/test_fuzz.py
 
 # The paper's claims at small scale -> docs/RESULTS.md, docs/results/bench.json, docs/results/plots/.
-# BENCH_SCALE=0.25 is a quick smoke run, BENCH_SCALE=2 a larger one (default 1: ~20 min on 2 CPU cores).
+# BENCH_SCALE=0.25 is a quick smoke run, BENCH_SCALE=2 a larger one (default 1: 20-45 min on 2 CPU cores, depending on the CPU).
 bench: install
 	$(BIN)/python bench/run_bench.py
 
