@@ -326,16 +326,21 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
                   "fit": o.fit, "raw_ms": raw}
         table = LatencyTable(regime, header, fixed.ms, [list(mlp)] * L, [list(heads)] * L, [ms] * L, [spread] * L)
 
+        # End-to-end timings rescaled to the machine's speed at table time: each divided by the full model's
+        # timing just before it (`refs`), times the table's full model.
+        full_pred = table.predict(spec.full(), corrected=False)
+
+        def at_table_speed(meas: list[float], refs: list[float]) -> list[float]:
+            return [m * full_pred / r for m, r in zip(meas, refs)]
+
         if o.correct:
-            # Fitted on timings rescaled to the machine's speed at table time (the full model timed just
-            # before each), so a slow or fast spell while these few run does not become a permanent bias:
-            # the scale corrects only what the additive model gets wrong.
+            # Fitted at table speed, so a slow or fast spell while these few run does not become a permanent
+            # bias: the scale corrects only what the additive model gets wrong.
             cfgs = random_configs(spec, o.correct, o.seed + 1)
             refs: list[float] = []
             meas = sess.measure(cfgs, f"correction ({o.correct} configurations)", rep, refs)
             pred = [table.predict(c, corrected=False) for c in cfgs]
-            full_pred = table.predict(spec.full(), corrected=False)
-            norm = [m * full_pred / r for m, r in zip(meas, refs)]
+            norm = at_table_speed(meas, refs)
             table.scale = sum(p * m for p, m in zip(pred, norm)) / sum(p * p for p in pred)
             table.header["correction"] = {
                 "n": o.correct, "scale": table.scale,
@@ -346,11 +351,9 @@ def profile(path: Path, o: ProfileOptions, reporter: Reporter | None = None) -> 
             refs = []
             meas = sess.measure(cfgs, f"validation ({o.validate} configurations)", rep, refs)
             pred = [table.predict(c) for c in cfgs]
-            # The same errors with each measurement rescaled by the machine's speed at that moment (the
-            # full model timed just before it, relative to the table's full model): separates the
-            # latency model's error from the machine drifting while it is measured.
-            full_pred = table.predict(spec.full(), corrected=False)
-            norm = [m * full_pred / r for m, r in zip(meas, refs)]
+            # The same errors at table speed (against the uncorrected table): separates the latency
+            # model's error from the machine drifting while it is measured.
+            norm = at_table_speed(meas, refs)
             table.validation = {**validation_stats(pred, meas), "regime": regime.key,
                                 "reference_drift": max(refs) / min(refs) - 1,
                                 "drift_normalized": validation_stats([table.predict(c, corrected=False) for c in cfgs], norm),
