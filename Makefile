@@ -54,9 +54,10 @@ demo-clean:
 
 lint: install
 	$(BIN)/ruff check src kernels tests bench
+	$(BIN)/ruff format --check src kernels tests bench
 
 format: install
 	$(BIN)/ruff format src kernels tests bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -13,6 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def flex(*args: str, cwd: Path) -> dict:
     """Run `flex ARGS --json` in a subprocess (progress on stderr), return its JSON document."""
     print("$ flex", " ".join(args), file=sys.stderr, flush=True)
-    out = subprocess.run([sys.executable, "-m", "flexcli", *args, "--json"], cwd=cwd, stdout=subprocess.PIPE,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "flexcli", *args, "--json"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)

@@ -35,8 +35,13 @@ def _is_prefix(sel: Selection) -> bool:
     return sel is None or isinstance(sel, int)
 
 
-def subset_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  out_sel: Selection = None, in_sel: Selection = None) -> torch.Tensor:
+def subset_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_sel: Selection = None,
+    in_sel: Selection = None,
+) -> torch.Tensor:
     """y = x @ W[out_sel][:, in_sel].T + b[out_sel]; x: (..., len(in_sel)) -> (..., len(out_sel))."""
     if use_triton(x) and _is_prefix(out_sel) and _is_prefix(in_sel):
         from .triton_kernels import prefix_linear
@@ -47,8 +52,14 @@ def subset_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return reference.subset_linear(x, weight, bias, out_sel, in_sel)
 
 
-def swiglu_prefix(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-                  b_up: torch.Tensor | None, m: int) -> torch.Tensor:
+def swiglu_prefix(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    m: int,
+) -> torch.Tensor:
     """silu(x @ w_gate[:m].T) * (x @ w_up[:m].T): (..., m); fused in one kernel on CUDA."""
     if use_triton(x):
         from .triton_kernels import swiglu_prefix as tk
@@ -57,8 +68,14 @@ def swiglu_prefix(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_g
     return reference.swiglu_prefix(x, w_gate, w_up, b_gate, b_up, m)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, starts: list[int],
-                   widths: list[int], mode: str) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    starts: list[int],
+    widths: list[int],
+    mode: str,
+) -> torch.Tensor:
     """Ragged widths over row groups (rows sorted by group); see reference.grouped_linear."""
     if use_triton(x) and os.environ.get("FLEX_RAGGED") == "grouped":
         from .triton_kernels import grouped_linear as tk

@@ -20,8 +20,13 @@ def _select(t: torch.Tensor, sel: Selection, dim: int) -> torch.Tensor:
     return t.index_select(dim, sel.to(t.device))
 
 
-def subset_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  out_sel: Selection = None, in_sel: Selection = None) -> torch.Tensor:
+def subset_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_sel: Selection = None,
+    in_sel: Selection = None,
+) -> torch.Tensor:
     """y = x @ W[out_sel][:, in_sel].T + b[out_sel].
 
     x: (..., len(in_sel)); weight: (out_features, in_features); returns (..., len(out_sel)).
@@ -31,14 +36,26 @@ def subset_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(x, w, b)
 
 
-def swiglu_prefix(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-                  b_up: torch.Tensor | None, m: int) -> torch.Tensor:
+def swiglu_prefix(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    m: int,
+) -> torch.Tensor:
     """silu(x @ w_gate[:m].T + b_gate[:m]) * (x @ w_up[:m].T + b_up[:m]): (..., m)."""
     return F.silu(subset_linear(x, w_gate, b_gate, m)) * subset_linear(x, w_up, b_up, m)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, starts: list[int],
-                   widths: list[int], mode: str) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    starts: list[int],
+    widths: list[int],
+    mode: str,
+) -> torch.Tensor:
     """Bucketed execution: rows [starts[g], starts[g+1]) of x (sorted by group) at width widths[g],
     one dense prefix GEMM per group. mode "out": y (M, max width), zero beyond each group's width;
     mode "in": inner width w_g, y (M, N)."""

@@ -24,10 +24,29 @@ BM, BN, BK = (16, 16, 16) if INTERPRET else (64, 64, 32)
 
 
 @triton.jit(do_not_specialize=["M", "n_active", "k_active"])
-def _prefix_kernel(x_ptr, w_ptr, w2_ptr, b_ptr, b2_ptr, y_ptr, M, n_active, k_active,
-                   sxm, sxk, swn, swk, sym, syn,
-                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _prefix_kernel(
+    x_ptr,
+    w_ptr,
+    w2_ptr,
+    b_ptr,
+    b2_ptr,
+    y_ptr,
+    M,
+    n_active,
+    k_active,
+    sxm,
+    sxk,
+    swn,
+    swk,
+    sym,
+    syn,
+    HAS_BIAS: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
@@ -66,32 +85,81 @@ def _launch(x2, w, w2, b, b2, n, k, swiglu, out=None):
     if M == 0 or n == 0:
         return y
     grid = (triton.cdiv(M, BM), triton.cdiv(n, BN))
-    _prefix_kernel[grid](x2, w, w2 if w2 is not None else w, b if b is not None else w,
-                         b2 if b2 is not None else w, y, M, n, k, x2.stride(0), x2.stride(1), w.stride(0),
-                         w.stride(1), y.stride(0), y.stride(1), HAS_BIAS=b is not None, SWIGLU=swiglu,
-                         UPCAST=INTERPRET, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    _prefix_kernel[grid](
+        x2,
+        w,
+        w2 if w2 is not None else w,
+        b if b is not None else w,
+        b2 if b2 is not None else w,
+        y,
+        M,
+        n,
+        k,
+        x2.stride(0),
+        x2.stride(1),
+        w.stride(0),
+        w.stride(1),
+        y.stride(0),
+        y.stride(1),
+        HAS_BIAS=b is not None,
+        SWIGLU=swiglu,
+        UPCAST=INTERPRET,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_K=BK,
+    )
     return y
 
 
-def prefix_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def prefix_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    k: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x: (..., k) -> (..., n) with the first n rows and k columns of weight (N, K); `out` is optional."""
     x2 = x.reshape(-1, x.shape[-1])
     return _launch(x2, weight, None, bias, None, n, k, False, out).view(*x.shape[:-1], n)
 
 
-def swiglu_prefix(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-                  b_up: torch.Tensor | None, m: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu_prefix(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    m: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x: (..., K) -> silu(x @ w_gate[:m].T) * (x @ w_up[:m].T): (..., m), fused."""
     x2 = x.reshape(-1, x.shape[-1])
     return _launch(x2, w_gate, w_up, b_gate, b_up, m, x.shape[-1], True, out).view(*x.shape[:-1], m)
 
 
 @triton.jit
-def _grouped_kernel(x_ptr, w_ptr, b_ptr, y_ptr, tiles_ptr, N_full, K_full,
-                    sxm, sxk, swn, swk, sym, syn,
-                    MODE_IN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    tiles_ptr,
+    N_full,
+    K_full,
+    sxm,
+    sxk,
+    swn,
+    swk,
+    sym,
+    syn,
+    MODE_IN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     t = tl.program_id(0)
     row0 = tl.load(tiles_ptr + t * 4 + 0)  # first row of this tile
     row_end = tl.load(tiles_ptr + t * 4 + 1)  # end of the tile's group
@@ -109,22 +177,38 @@ def _grouped_kernel(x_ptr, w_ptr, b_ptr, y_ptr, tiles_ptr, N_full, K_full,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_active, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
-                    mask=(rm[:, None] < row_end) & (kk[None, :] < k_active), other=0.0)
-        w = tl.load(w_ptr + rn[:, None] * swn + kk[None, :] * swk,
-                    mask=(rn[:, None] < n_active) & (kk[None, :] < k_active), other=0.0)
+        x = tl.load(
+            x_ptr + rm[:, None] * sxm + kk[None, :] * sxk,
+            mask=(rm[:, None] < row_end) & (kk[None, :] < k_active),
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + rn[:, None] * swn + kk[None, :] * swk,
+            mask=(rn[:, None] < n_active) & (kk[None, :] < k_active),
+            other=0.0,
+        )
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < n_active, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < row_end) & (rn[None, :] < n_active))
+    tl.store(
+        y_ptr + rm[:, None] * sym + rn[None, :] * syn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rm[:, None] < row_end) & (rn[None, :] < n_active),
+    )
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, starts: list[int],
-                   widths: list[int], mode: str, out: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    starts: list[int],
+    widths: list[int],
+    mode: str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rows [starts[g], starts[g+1]) use width widths[g]; x: (M, K_in) sorted by group.
 
     mode "out": y (M, max width), group g fills y[rows, :w_g] (the rest stays zero);
@@ -146,8 +230,25 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not tiles:
         return y
     table = torch.tensor(tiles, dtype=torch.int32, device=x.device)
-    _grouped_kernel[(len(tiles),)](x, weight, bias if bias is not None else weight, y, table, N,
-                                   weight.shape[1], x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                                   y.stride(0), y.stride(1), MODE_IN=mode == "in", HAS_BIAS=bias is not None,
-                                   UPCAST=INTERPRET, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    _grouped_kernel[(len(tiles),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        y,
+        table,
+        N,
+        weight.shape[1],
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        y.stride(0),
+        y.stride(1),
+        MODE_IN=mode == "in",
+        HAS_BIAS=bias is not None,
+        UPCAST=INTERPRET,
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        BLOCK_K=BK,
+    )
     return y

@@ -15,7 +15,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(2)
 
 
-
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path_factory, monkeypatch):
     """Every test runs in its own empty directory: commands that record outputs in ./flex-project.json or
@@ -32,26 +31,46 @@ FAMILIES = {
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from flexcli.pretrain import train_tokenizer
+    from flexcli.commands.pretrain import train_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     train_tokenizer("stdlib", 320, max_chars=200_000).save_pretrained(d)
     return d
 
 
-def make_model(path: Path, tokenizer_dir: Path, family: str = "llama", heads: int = 4, kv: int = 2,
-               tied: bool = False, hidden: int = 64, layers: int = 2, inter: int = 96, shard: str | None = None,
-               seed: int = 0) -> Path:
+def make_model(
+    path: Path,
+    tokenizer_dir: Path,
+    family: str = "llama",
+    heads: int = 4,
+    kv: int = 2,
+    tied: bool = False,
+    hidden: int = 64,
+    layers: int = 2,
+    inter: int = 96,
+    shard: str | None = None,
+    seed: int = 0,
+) -> Path:
     """Save a random tiny model of `family` with transformers alone (save_pretrained), plus tokenizer."""
     import transformers
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg_cls, model_cls = (getattr(transformers, n) for n in FAMILIES[family])
-    cfg = cfg_cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
-                  max_position_embeddings=512, initializer_range=0.2, eos_token_id=tok.eos_token_id,
-                  bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = cfg_cls(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tied,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = model_cls(cfg)
     with torch.no_grad():  # random norms and biases too, so nothing is trivially symmetric

@@ -17,8 +17,9 @@ runner = CliRunner()
 
 def _run(tmp_path, monkeypatch, *args):
     monkeypatch.chdir(tmp_path)
-    return runner.invoke(app, ["convert", *args, "-o", str(tmp_path / "OUT"), "--calib-samples", "2",
-                               "--seq-len", "32"])
+    return runner.invoke(
+        app, ["convert", *args, "-o", str(tmp_path / "OUT"), "--calib-samples", "2", "--seq-len", "32"]
+    )
 
 
 def _assert_clean_failure(res, tmp_path, code=2, needle=""):
@@ -42,14 +43,20 @@ def sharded(tmp_path, tokenizer_dir):
 
 
 def test_missing_path(tmp_path, monkeypatch, calib_file):
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(tmp_path / "nope"), "--calib", str(calib_file)),
-                          tmp_path, needle="does not exist")
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(tmp_path / "nope"), "--calib", str(calib_file)),
+        tmp_path,
+        needle="does not exist",
+    )
 
 
 def test_dir_without_config(tmp_path, monkeypatch, calib_file):
     (tmp_path / "empty").mkdir()
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(tmp_path / "empty"), "--calib", str(calib_file)),
-                          tmp_path, needle="config.json")
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(tmp_path / "empty"), "--calib", str(calib_file)),
+        tmp_path,
+        needle="config.json",
+    )
 
 
 def test_unsupported_architecture(tmp_path, monkeypatch, src, calib_file):
@@ -64,8 +71,9 @@ def test_unsupported_architecture(tmp_path, monkeypatch, src, calib_file):
 def test_truncated_safetensors(tmp_path, monkeypatch, src, calib_file):
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file)), tmp_path,
-                          needle="truncated")
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file)), tmp_path, needle="truncated"
+    )
 
 
 def test_corrupt_safetensors_header(tmp_path, monkeypatch, src, calib_file):
@@ -73,15 +81,17 @@ def test_corrupt_safetensors_header(tmp_path, monkeypatch, src, calib_file):
     data = bytearray(f.read_bytes())
     data[10:30] = b"\xff" * 20
     f.write_bytes(bytes(data))
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file)), tmp_path,
-                          needle="corrupt")
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file)), tmp_path, needle="corrupt"
+    )
 
 
 def test_index_names_missing_shard(tmp_path, monkeypatch, sharded, calib_file):
     shard = sorted(sharded.glob("model-*.safetensors"))[-1]
     shard.unlink()
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(sharded), "--calib", str(calib_file)), tmp_path,
-                          needle="missing")
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(sharded), "--calib", str(calib_file)), tmp_path, needle="missing"
+    )
 
 
 def test_pickle_weights_need_allow_pickle(tmp_path, monkeypatch, src, calib_file):
@@ -89,19 +99,28 @@ def test_pickle_weights_need_allow_pickle(tmp_path, monkeypatch, src, calib_file
 
     torch.save(load_file(src / "model.safetensors"), src / "pytorch_model.bin")
     (src / "model.safetensors").unlink()
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file)), tmp_path,
-                          needle="--allow-pickle")
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file)), tmp_path, needle="--allow-pickle"
+    )
     ok = _run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file), "--allow-pickle")
     assert ok.exit_code == 0, ok.stderr
     assert (tmp_path / "OUT" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"\x00\x01\x02binary" * 50, "binary"),
-                                            (b"def f(): pass\n", "shorter than one sequence")])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "empty"),
+        (b"\x00\x01\x02binary" * 50, "binary"),
+        (b"def f(): pass\n", "shorter than one sequence"),
+    ],
+)
 def test_bad_calibration_text(tmp_path, monkeypatch, src, content, needle):
     calib = tmp_path / "calib.txt"
     calib.write_bytes(content)
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(src), "--calib", str(calib)), tmp_path, needle=needle)
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(src), "--calib", str(calib)), tmp_path, needle=needle
+    )
 
 
 def test_output_exists_without_force(tmp_path, monkeypatch, src, calib_file):
@@ -115,15 +134,23 @@ def test_output_exists_without_force(tmp_path, monkeypatch, src, calib_file):
     assert not (tmp_path / "OUT" / "keep.txt").exists() and (tmp_path / "OUT" / "flex_elastic.json").exists()
 
 
-@pytest.mark.parametrize("text,needle", [("elastic:\n  mlp_ratio: [1.0]\n", "unknown key 'elastic.mlp_ratio'"),
-                                         ("bogus: 1\n", "unknown key 'bogus'"),
-                                         ("calibration:\n  samples: many\n", "calibration.samples"),
-                                         ("stages: [permute, fly]\n", "unknown stage")])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("elastic:\n  mlp_ratio: [1.0]\n", "unknown key 'elastic.mlp_ratio'"),
+        ("bogus: 1\n", "unknown key 'bogus'"),
+        ("calibration:\n  samples: many\n", "calibration.samples"),
+        ("stages: [permute, fly]\n", "unknown stage"),
+    ],
+)
 def test_bad_recipe(tmp_path, monkeypatch, src, calib_file, text, needle):
     r = tmp_path / "recipe.yaml"
     r.write_text(text)
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(src), "--recipe", str(r), "--calib", str(calib_file)),
-                          tmp_path, needle=needle)
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(src), "--recipe", str(r), "--calib", str(calib_file)),
+        tmp_path,
+        needle=needle,
+    )
 
 
 def test_unreachable_hub_suggests_local_path(tmp_path, monkeypatch):
@@ -143,8 +170,11 @@ def test_json_error_document(tmp_path, monkeypatch):
 def test_cuda_without_gpu(tmp_path, monkeypatch, src, calib_file):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    _assert_clean_failure(_run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file), "--device", "cuda"),
-                          tmp_path, needle="no CUDA device")
+    _assert_clean_failure(
+        _run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file), "--device", "cuda"),
+        tmp_path,
+        needle="no CUDA device",
+    )
 
 
 def test_output_is_source(tmp_path, monkeypatch, src, calib_file):
@@ -159,7 +189,10 @@ def test_remote_code_in_a_source_is_never_run(tmp_path, monkeypatch, src, calib_
     marker = tmp_path / "PWNED"
     (src / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     cfg = json.loads((src / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM", "AutoConfig": "modeling_evil.EvilConfig"}
+    cfg["auto_map"] = {
+        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        "AutoConfig": "modeling_evil.EvilConfig",
+    }
     (src / "config.json").write_text(json.dumps(cfg))
     res = _run(tmp_path, monkeypatch, str(src), "--calib", str(calib_file))
     assert not marker.exists()

@@ -20,8 +20,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 def tiny_run(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "BENCH_SCALE": "0.02"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run_bench.py"), "--work", str(d / "work"),
-                           "--out", str(d / "out")], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run_bench.py"),
+            "--work",
+            str(d / "work"),
+            "--out",
+            str(d / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "# flexcli benchmark results" in proc.stdout  # the report is printed on stdout
     return d
@@ -34,8 +46,14 @@ def test_report_files_and_header(tiny_run: Path):
     h = doc["header"]
     assert h["seed"] == 0 and h["scale"] == 0.02 and h["versions"]["torch"] and h["machine"]["cores"]
     assert "seed 0" in md and "BENCH_SCALE 0.02" in md and h["versions"]["transformers"] in md
-    for section in ("## Summary", "## 1. Quality", "## 2. Latency", "## 3. Routers", "## 4. Systems",
-                    "## 5. Claims"):
+    for section in (
+        "## Summary",
+        "## 1. Quality",
+        "## 2. Latency",
+        "## 3. Routers",
+        "## 4. Systems",
+        "## 5. Claims",
+    ):
         assert section in md
     assert len(doc["claims"]) == 9
     assert [c["n"] for c in doc["claims"]] == [str(i) for i in range(1, 10)]
@@ -45,8 +63,12 @@ def test_report_files_and_header(tiny_run: Path):
     assert len(rows) == 9  # one claims-table row each
     for png in doc["plots"]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert {Path(p).name for p in doc["plots"]} == {"quality.png", "pareto.png", "lut_validation.png",
-                                                     "extract_budgets.png"}
+    assert {Path(p).name for p in doc["plots"]} == {
+        "quality.png",
+        "pareto.png",
+        "lut_validation.png",
+        "extract_budgets.png",
+    }
 
 
 def test_every_baseline_and_stage_is_real(tiny_run: Path):
@@ -60,7 +82,10 @@ def test_every_baseline_and_stage_is_real(tiny_run: Path):
     for w in (75, 50, 25):  # from scratch = the sub-model's own architecture, freshly trained
         a = json.loads((work / f"sub-{w}" / "config.json").read_text())
         b = json.loads((work / f"scratch-{w}" / "config.json").read_text())
-        assert (a["intermediate_size"], a["num_attention_heads"]) == (b["intermediate_size"], b["num_attention_heads"])
+        assert (a["intermediate_size"], a["num_attention_heads"]) == (
+            b["intermediate_size"],
+            b["num_attention_heads"],
+        )
     assert doc["routers"]["no_surrogate"]["static"]["surrogate"] is False
     assert doc["routers"]["joint"]["joint"]["steps"] > 0
     kinds = {p["kind"] for p in doc["pareto"]["points"]}
@@ -70,7 +95,10 @@ def test_every_baseline_and_stage_is_real(tiny_run: Path):
     assert all(m["measured_latency_ms"] and m["identity"]["params_match"] for m in doc["extract"]["models"])
     assert doc["systems"]["extraction"]["checkpoint"]["bit_exact"] is True
     assert set(doc["systems"]["training_throughput"]["ratios"]) == {
-        "elastic runtime at full width / stock", "elastic CE / plain CE", "elastic KD / plain KD"}
+        "elastic runtime at full width / stock",
+        "elastic CE / plain CE",
+        "elastic KD / plain KD",
+    }
 
 
 def test_verdicts_follow_the_numbers(tiny_run: Path):
@@ -104,8 +132,21 @@ def test_verdicts_follow_the_numbers(tiny_run: Path):
 
 
 def test_report_only_rerenders_the_same(tiny_run: Path, tmp_path: Path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run_bench.py"), "--work", str(tiny_run / "work"),
-                           "--out", str(tmp_path), "--report-only", "--scale", "0.02"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run_bench.py"),
+            "--work",
+            str(tiny_run / "work"),
+            "--out",
+            str(tmp_path),
+            "--report-only",
+            "--scale",
+            "0.02",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     a = (tiny_run / "out" / "RESULTS.md").read_text().split("\n", 3)[3]  # after the dated header line
     b = (tmp_path / "RESULTS.md").read_text().split("\n", 3)[3]

@@ -13,7 +13,7 @@ import torch
 from conftest import flex_cmd, make_model
 from safetensors.torch import load_file
 
-from flexcli.convert import ConvertOptions, convert
+from flexcli.commands.convert import ConvertOptions, convert
 
 STOCK_CHECK = r"""
 import sys, json, torch
@@ -42,15 +42,18 @@ def _opts(calib: Path, **kw) -> ConvertOptions:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_convert_output_loads_in_stock_transformers_with_same_logits(tmp_path, tokenizer_dir, calib_file, case):
+def test_convert_output_loads_in_stock_transformers_with_same_logits(
+    tmp_path, tokenizer_dir, calib_file, case
+):
     family, heads, kv, tied, shard = CASES[case]
     src = make_model(tmp_path / "src", tokenizer_dir, family, heads, kv, tied, shard=shard)
     if shard:
         assert (src / "model.safetensors.index.json").exists()
-    res = convert(str(src), tmp_path / "out", _opts(calib_file))
+    res = convert(str(src), _opts(calib_file, output=tmp_path / "out"))
     out = Path(res.output)
-    proc = subprocess.run([sys.executable, "-c", STOCK_CHECK, str(src), str(out)], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK_CHECK, str(src), str(out)], capture_output=True, text=True, check=True
+    )
     got = json.loads(proc.stdout)
     assert got["rel"] <= 1e-5
     assert got["changed"]  # the weights really were permuted
@@ -66,7 +69,7 @@ def test_convert_output_loads_in_stock_transformers_with_same_logits(tmp_path, t
 
 def test_importance_scores_saved_and_sorted(tmp_path, tokenizer_dir, calib_file):
     src = make_model(tmp_path / "src", tokenizer_dir, "llama", 8, 2)
-    out = Path(convert(str(src), tmp_path / "out", _opts(calib_file)).output)
+    out = Path(convert(str(src), _opts(calib_file, output=tmp_path / "out")).output)
     imp = load_file(out / "flex_importance.safetensors")
     for i in range(2):
         neuron = imp[f"layers.{i}.neuron_score"][imp[f"layers.{i}.neuron_perm"]]
@@ -79,16 +82,31 @@ def test_importance_scores_saved_and_sorted(tmp_path, tokenizer_dir, calib_file)
 
 def test_deterministic(tmp_path, tokenizer_dir, calib_file):
     src = make_model(tmp_path / "src", tokenizer_dir, "qwen2", 8, 2)
-    a = Path(convert(str(src), tmp_path / "a", _opts(calib_file)).output)
-    b = Path(convert(str(src), tmp_path / "b", _opts(calib_file)).output)
+    a = Path(convert(str(src), _opts(calib_file, output=tmp_path / "a")).output)
+    b = Path(convert(str(src), _opts(calib_file, output=tmp_path / "b")).output)
     for f in ("model.safetensors", "flex_importance.safetensors"):
         assert (a / f).read_bytes() == (b / f).read_bytes()
 
 
 def test_cli_json_and_project_file(tmp_path, tokenizer_dir, calib_file):
     src = make_model(tmp_path / "mymodel", tokenizer_dir, "llama", 4, 2)
-    proc = subprocess.run([*flex_cmd(), "convert", str(src), "--calib", str(calib_file), "--calib-samples", "4",
-                           "--seq-len", "32", "--json"], cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            *flex_cmd(),
+            "convert",
+            str(src),
+            "--calib",
+            str(calib_file),
+            "--calib-samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--json",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # exactly one JSON document
     assert Path(doc["output"]) == tmp_path / "mymodel-elastic"
@@ -96,8 +114,12 @@ def test_cli_json_and_project_file(tmp_path, tokenizer_dir, calib_file):
     project = json.loads((tmp_path / "flex-project.json").read_text())
     assert project["elastic"][0]["path"] == "mymodel-elastic"
     # a second run without --force refuses and leaves the first output alone
-    again = subprocess.run([*flex_cmd(), "convert", str(src), "--calib", str(calib_file)], cwd=tmp_path,
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [*flex_cmd(), "convert", str(src), "--calib", str(calib_file)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 2 and "--force" in again.stderr and again.stdout == ""
     assert (tmp_path / "mymodel-elastic" / "flex_elastic.json").exists()
 
@@ -111,6 +133,6 @@ def test_cli_version_and_help():
 
 def test_uniform_width_report(tmp_path, tokenizer_dir, calib_file):
     src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 4)
-    res = convert(str(src), tmp_path / "out", _opts(calib_file, eval_data=str(calib_file)))
-    assert [w["ratio"] for w in res.widths] == [1.0, 0.75, 0.5, 0.25]
-    assert all(w["ppl"] > 1 for w in res.widths)
+    res = convert(str(src), _opts(calib_file, eval_data=str(calib_file), output=tmp_path / "out"))
+    assert [w.ratio for w in res.widths] == [1.0, 0.75, 0.5, 0.25]
+    assert all(w.ppl > 1 for w in res.widths)

@@ -18,19 +18,26 @@ import torch
 from conftest import flex_cmd, make_model
 from safetensors.torch import load_file
 
-from flexcli.latency import LatencyTable, Regime, save_table
-from flexcli.spec import ElasticSpec
-from flexcli.validate import validate
+from flexcli.arch.spec import ElasticSpec
+from flexcli.commands.validate import validate
+from flexcli.latency.table import LatencyTable, Regime, save_table
 
 pytestmark = pytest.mark.slow
 
-RECIPE = "stages: [permute, train]\ntrain: {steps: 40, batch_size: 4, seq_len: 32, precision: fp32, checkpoint_every: 5, " \
-         "warmup: 2, val_samples: 4, val_random_configs: 1}\n"
+RECIPE = (
+    "stages: [permute, train]\ntrain: {steps: 40, batch_size: 4, seq_len: 32, precision: fp32, checkpoint_every: 5, "
+    "warmup: 2, val_samples: 4, val_random_configs: 1}\n"
+)
 
 
 def _flex(*args, cwd):
-    return subprocess.Popen([*flex_cmd(), *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "FLEX_DEBUG": "0"})
+    return subprocess.Popen(
+        [*flex_cmd(), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "FLEX_DEBUG": "0"},
+    )
 
 
 def _kill_at(args, delay, cwd) -> int:
@@ -50,8 +57,18 @@ def test_kill_convert_extract_router(tmp_path, tokenizer_dir, calib_file):
     rng = random.Random(0)
     src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2, hidden=64, layers=2, inter=128)
     (tmp_path / "r.yaml").write_text(RECIPE)
-    conv = ["convert", str(src), "--recipe", "r.yaml", "--calib", str(calib_file), "--calib-samples", "4",
-            "--seq-len", "32"]
+    conv = [
+        "convert",
+        str(src),
+        "--recipe",
+        "r.yaml",
+        "--calib",
+        str(calib_file),
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "32",
+    ]
     ref = tmp_path / "ref"
     assert _flex(*conv, "-o", str(ref), cwd=tmp_path).wait() == 0
     t0 = time.time()
@@ -75,8 +92,17 @@ def test_kill_convert_extract_router(tmp_path, tokenizer_dir, calib_file):
     # a latency table for the extract / router steps
     spec = ElasticSpec.from_dict(json.loads((ref / "flex_elastic.json").read_text())["spec"])
     mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
-    save_table(ref, LatencyTable(Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.2, [mlp] * 2,
-                                 [heads] * 2, [[[0.01 * m / 16 + 0.1 * h for h in heads] for m in mlp]] * 2))
+    save_table(
+        ref,
+        LatencyTable(
+            Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0),
+            {},
+            0.2,
+            [mlp] * 2,
+            [heads] * 2,
+            [[[0.01 * m / 16 + 0.1 * h for h in heads] for m in mlp]] * 2,
+        ),
+    )
     # 6 kill points in extract, with a previous output in place that must survive intact
     sub = tmp_path / "sub"
     ext = ["extract", str(ref), "--budget", "70%", "-o", str(sub), "--force"]
@@ -94,8 +120,22 @@ def test_kill_convert_extract_router(tmp_path, tokenizer_dir, calib_file):
     assert (sub / "model.safetensors").read_bytes() == before
 
     # 6 kill points in train-router: the elastic checkpoint stays whole throughout
-    tr = ["train-router", str(ref), "--budgets", "60%,80%", "--steps", "30", "--dynamic-steps", "6",
-          "--sm-warmup", "16", "--seq-len", "32", "--data", str(calib_file)]
+    tr = [
+        "train-router",
+        str(ref),
+        "--budgets",
+        "60%,80%",
+        "--steps",
+        "30",
+        "--dynamic-steps",
+        "6",
+        "--sm-warmup",
+        "16",
+        "--seq-len",
+        "32",
+        "--data",
+        str(calib_file),
+    ]
     t0 = time.time()
     assert _flex(*tr, cwd=tmp_path).wait() == 0
     span = time.time() - t0

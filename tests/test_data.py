@@ -5,7 +5,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from flexcli.data import PYDOC, iter_documents, stdlib_files
+from flexcli.train.data import PYDOC, iter_documents, stdlib_files
 
 
 def test_pydoc_is_prose_and_not_in_stdlib():

@@ -23,13 +23,35 @@ train: {steps: 8, batch_size: 4, seq_len: 32, precision: fp32, lr: 3.0e-3, warmu
 
 
 def _convert(src, out, recipe, calib, nproc=1, extra=(), env=None):
-    args = ["convert", str(src), "-o", str(out), "--recipe", str(recipe), "--calib", str(calib),
-            "--calib-samples", "4", "--seq-len", "32", "--json", *extra]
+    args = [
+        "convert",
+        str(src),
+        "-o",
+        str(out),
+        "--recipe",
+        str(recipe),
+        "--calib",
+        str(calib),
+        "--calib-samples",
+        "4",
+        "--seq-len",
+        "32",
+        "--json",
+        *extra,
+    ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "flexcli", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "flexcli", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "flexcli",
+            *args,
+        ]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
 
 
@@ -51,7 +73,10 @@ def test_two_processes_match_one_process(tmp_path, setup):
     two = _convert(src, tmp_path / "two", recipe, calib, nproc=2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = json.loads(one.stdout)["training"], json.loads(two.stdout)["training"]  # rank 0 prints one document
+    a, b = (
+        json.loads(one.stdout)["training"],
+        json.loads(two.stdout)["training"],
+    )  # rank 0 prints one document
     assert b["world_size"] == 2 and a["world_size"] == 1
     # tolerance: per-step loss within 1e-4 relative (reduction order differs between 1 and 2 processes)
     for la, lb in zip(a["loss_curve"], b["loss_curve"], strict=True):

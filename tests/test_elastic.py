@@ -11,11 +11,11 @@ from conftest import make_model, rel_err
 from transformers import AutoModelForCausalLM
 
 from flexcli.arch import Dims, detect
-from flexcli.elastic import ElasticModel
-from flexcli.importance import random_scores
-from flexcli.permute import permutations, permute_model_
-from flexcli.slicing import sliced_model
-from flexcli.spec import ElasticSpec
+from flexcli.arch.spec import ElasticSpec
+from flexcli.elastic.importance import random_scores
+from flexcli.elastic.permute import permutations, permute_model_
+from flexcli.elastic.runtime import ElasticModel
+from flexcli.elastic.slicing import sliced_model
 
 VARIANTS = {  # id: (family, heads, kv, tied, gqa mode)
     "llama-mha-untied": ("llama", 4, 4, False, "query"),
@@ -33,8 +33,9 @@ def _load(path):
 
 def _setup(tmp_path, tokenizer_dir, variant):
     family, heads, kv, tied, gqa = VARIANTS[variant]
-    path = make_model(tmp_path / variant, tokenizer_dir, family, heads, kv, tied, hidden=64, layers=3,
-                      inter=96)
+    path = make_model(
+        tmp_path / variant, tokenizer_dir, family, heads, kv, tied, hidden=64, layers=3, inter=96
+    )
     model = _load(path)
     cfg = model.config.to_dict()
     arch, dims = detect(cfg), Dims.from_config(cfg)
@@ -82,8 +83,12 @@ def test_sliced_parameter_count_matches_formula(tmp_path, tokenizer_dir):
     per_layer = 0
     for m, h in cfg:
         kv = spec.kv_heads(h)
-        per_layer += 3 * dims.hidden_size * m + 2 * dims.hidden_size * h * dims.head_dim \
-            + 2 * dims.hidden_size * kv * dims.head_dim + 2 * dims.hidden_size
+        per_layer += (
+            3 * dims.hidden_size * m
+            + 2 * dims.hidden_size * h * dims.head_dim
+            + 2 * dims.hidden_size * kv * dims.head_dim
+            + 2 * dims.hidden_size
+        )
     other = 2 * dims.vocab_size * dims.hidden_size + dims.hidden_size  # embed + untied head + final norm
     assert sum(p.numel() for p in sub.parameters()) == per_layer + other
 

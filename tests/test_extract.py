@@ -13,11 +13,11 @@ import torch
 from conftest import make_model, rel_err
 from typer.testing import CliRunner
 
+from flexcli.arch.spec import ElasticSpec, config_from_json
 from flexcli.cli import app
-from flexcli.convert import ConvertOptions, convert
-from flexcli.elastic import load_elastic
-from flexcli.latency import LatencyTable, Regime, save_table
-from flexcli.spec import ElasticSpec, config_from_json
+from flexcli.commands.convert import ConvertOptions, convert
+from flexcli.elastic.runtime import load_elastic
+from flexcli.latency.table import LatencyTable, Regime, save_table
 
 runner = CliRunner()
 
@@ -36,13 +36,27 @@ print(json.dumps({"class": type(m).__name__, "params": sum(p.numel() for p in m.
 
 
 def _elastic(tmp_path, tokenizer_dir, calib_file, family="mistral", heads=8, kv=2, tied=False):
-    src = make_model(tmp_path / "src", tokenizer_dir, family, heads, kv, tied=tied, hidden=64, layers=3, inter=128)
-    el = Path(convert(str(src), tmp_path / "el", ConvertOptions(calib=str(calib_file), calib_samples=2, seq_len=32,
-                                                                device="cpu")).output)
+    src = make_model(
+        tmp_path / "src", tokenizer_dir, family, heads, kv, tied=tied, hidden=64, layers=3, inter=128
+    )
+    el = Path(
+        convert(
+            str(src),
+            ConvertOptions(
+                calib=str(calib_file), calib_samples=2, seq_len=32, device="cpu", output=tmp_path / "el"
+            ),
+        ).output
+    )
     spec = ElasticSpec.from_dict(json.loads((el / "flex_elastic.json").read_text())["spec"])
     mlp, heads_ = spec.layers[0].mlp, spec.layers[0].heads
-    table = LatencyTable(Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.2, [mlp] * 3, [heads_] * 3,
-                         [[[0.01 * m / 16 + 0.1 * h for h in heads_] for m in mlp]] * 3)
+    table = LatencyTable(
+        Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0),
+        {},
+        0.2,
+        [mlp] * 3,
+        [heads_] * 3,
+        [[[0.01 * m / 16 + 0.1 * h for h in heads_] for m in mlp]] * 3,
+    )
     save_table(el, table)
     return el, spec, table
 
@@ -56,18 +70,23 @@ def _reference(el: Path, cfg) -> torch.Tensor:
 
 def _fresh(sub: Path, remote: bool, tmp_path) -> tuple[dict, torch.Tensor]:
     out = tmp_path / "logits.pt"
-    p = subprocess.run([sys.executable, "-c", FRESH, str(sub), "1" if remote else "0", str(out)],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-c", FRESH, str(sub), "1" if remote else "0", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return json.loads(p.stdout), torch.load(out)
 
 
-@pytest.mark.parametrize("family,heads,kv,tied", [("mistral", 8, 2, False), ("qwen2", 4, 4, True),
-                                                  ("llama", 8, 4, False)])
+@pytest.mark.parametrize(
+    "family,heads,kv,tied", [("mistral", 8, 2, False), ("qwen2", 4, 4, True), ("llama", 8, 4, False)]
+)
 def test_uniform_extract_is_stock_and_matches(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied):
     el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied)
-    res = runner.invoke(app, ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"),
-                              "--json"])
+    res = runner.invoke(
+        app, ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"), "--json"]
+    )
     assert res.exit_code == 0, res.stderr
     m = json.loads(res.stdout)["models"][0]
     assert m["format"] == "stock" and m["needs_remote_code"] is False
@@ -81,11 +100,16 @@ def test_uniform_extract_is_stock_and_matches(tmp_path, tokenizer_dir, calib_fil
 
 def test_per_layer_extract_needs_remote_code_or_flexcli(tmp_path, tokenizer_dir, calib_file):
     el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "mistral", 8, 2)
-    cfg = [(spec.layers[0].mlp[0], spec.layers[0].heads[-1]), (spec.layers[1].mlp[-1], spec.layers[1].heads[0]),
-           (spec.layers[2].mlp[2], spec.layers[2].heads[1])]
+    cfg = [
+        (spec.layers[0].mlp[0], spec.layers[0].heads[-1]),
+        (spec.layers[1].mlp[-1], spec.layers[1].heads[0]),
+        (spec.layers[2].mlp[2], spec.layers[2].heads[1]),
+    ]
     cfile = tmp_path / "cfg.json"
     cfile.write_text(json.dumps([{"mlp": m, "heads": h} for m, h in cfg]))
-    res = runner.invoke(app, ["extract", str(el), "--config", str(cfile), "-o", str(tmp_path / "sub"), "--json"])
+    res = runner.invoke(
+        app, ["extract", str(el), "--config", str(cfile), "-o", str(tmp_path / "sub"), "--json"]
+    )
     assert res.exit_code == 0, res.stderr
     m = json.loads(res.stdout)["models"][0]
     assert m["format"] == "flex" and m["needs_remote_code"] is True
@@ -109,8 +133,19 @@ def test_per_layer_extract_needs_remote_code_or_flexcli(tmp_path, tokenizer_dir,
 def test_budgets_search_edges_and_many(tmp_path, tokenizer_dir, calib_file, monkeypatch):
     el, spec, table = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["extract", str(el), "--budget", "60%,1.5ms,120K", "-o", str(tmp_path / "many"),
-                              "--json", "--no-verify"])
+    res = runner.invoke(
+        app,
+        [
+            "extract",
+            str(el),
+            "--budget",
+            "60%,1.5ms,120K",
+            "-o",
+            str(tmp_path / "many"),
+            "--json",
+            "--no-verify",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     models = json.loads(res.stdout)["models"]
     assert [Path(m["output"]).name for m in models] == ["60pct", "1.5ms", "120K"]
@@ -121,39 +156,73 @@ def test_budgets_search_edges_and_many(tmp_path, tokenizer_dir, calib_file, monk
     assert models[2]["params"] <= 120_000 and "parameter" in models[2]["method"]
     low = runner.invoke(app, ["extract", str(el), "--budget", "0.01ms", "-o", str(tmp_path / "low")])
     assert low.exit_code == 3 and "smallest" in low.stderr and not (tmp_path / "low").exists()
-    high = runner.invoke(app, ["extract", str(el), "--budget", "100ms", "-o", str(tmp_path / "high"), "--json",
-                               "--no-verify"])
+    high = runner.invoke(
+        app, ["extract", str(el), "--budget", "100ms", "-o", str(tmp_path / "high"), "--json", "--no-verify"]
+    )
     assert high.exit_code == 0 and "at or above the full model" in high.stderr
     assert json.loads(high.stdout)["models"][0]["config"] == [{"mlp": 128, "heads": 8}] * 3
     (el / "flex_latency.json").unlink()
     nolut = runner.invoke(app, ["extract", str(el), "--budget", "40ms", "-o", str(tmp_path / "x")])
     assert nolut.exit_code == 2 and "flex profile" in nolut.stderr
-    for bad, needle in ((["--budget", "40"], "unit"), (["--uniform", "mlp=2"], "--uniform"), ([], "exactly one")):
+    for bad, needle in (
+        (["--budget", "40"], "unit"),
+        (["--uniform", "mlp=2"], "--uniform"),
+        ([], "exactly one"),
+    ):
         r = runner.invoke(app, ["extract", str(el), *bad, "-o", str(tmp_path / "y")])
         assert r.exit_code == 2 and needle in r.stderr, r.stderr
 
 
 def test_defaults_from_project_file_and_eval(tmp_path, tokenizer_dir, calib_file, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    el, spec, table = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 4, 4)  # records ./flex-project.json
-    res = runner.invoke(app, ["extract", "--budget", "70%", "--json"])  # as typed by a user: no ELASTIC, no -o
+    el, spec, table = _elastic(
+        tmp_path, tokenizer_dir, calib_file, "llama", 4, 4
+    )  # records ./flex-project.json
+    res = runner.invoke(
+        app, ["extract", "--budget", "70%", "--json"]
+    )  # as typed by a user: no ELASTIC, no -o
     assert res.exit_code == 0, res.stderr
     out = Path(json.loads(res.stdout)["models"][0]["output"])
     assert out == tmp_path / "el-70pct" and (out / "flex_extract.json").exists()
-    ev = runner.invoke(app, ["eval", str(el), "--data", str(calib_file), "--budget", "70%", "--samples", "2",
-                             "--seq-len", "32", "--json"])
+    ev = runner.invoke(
+        app,
+        [
+            "eval",
+            str(el),
+            "--data",
+            str(calib_file),
+            "--budget",
+            "70%",
+            "--samples",
+            "2",
+            "--seq-len",
+            "32",
+            "--json",
+        ],
+    )
     assert ev.exit_code == 0, ev.stderr
     rows = json.loads(ev.stdout)["rows"]
     assert [r["name"] for r in rows] == ["full", "70%"] and all(r["ppl"] > 1 for r in rows)
-    sub = runner.invoke(app, ["eval", str(out), "--data", str(calib_file), "--samples", "2", "--seq-len", "32", "--json"])
+    sub = runner.invoke(
+        app, ["eval", str(out), "--data", str(calib_file), "--samples", "2", "--seq-len", "32", "--json"]
+    )
     assert sub.exit_code == 0, sub.stderr
     assert json.loads(sub.stdout)["rows"][0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-4)
 
 
 def test_dry_run_plan_matches_real_output(tmp_path, tokenizer_dir, calib_file):
     el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "qwen2", 8, 2)
-    args = ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"), "--max-shard-size",
-            "40KB", "--json"]
+    args = [
+        "extract",
+        str(el),
+        "--uniform",
+        "mlp=0.5,heads=0.5",
+        "-o",
+        str(tmp_path / "sub"),
+        "--max-shard-size",
+        "40KB",
+        "--json",
+    ]
     dry = runner.invoke(app, [*args, "--dry-run"])
     assert dry.exit_code == 0, dry.stderr
     plan = json.loads(dry.stdout)["models"][0]
@@ -172,7 +241,7 @@ def test_uniform_head_count_llama_config_rejects_goes_flex(tmp_path, tokenizer_d
     el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
     args = ["extract", str(el), "--uniform", "mlp=0.5,heads=0.75", "-o", str(tmp_path / "sub")]
     res = runner.invoke(app, [*args, "--format", "stock"])
-    assert res.exit_code == 2 and "transformers rejects" in res.stderr and "--format flex" in res.stderr
+    assert res.exit_code == 2 and "transformers rejects" in res.stderr and "--format" in res.stderr
     assert not (tmp_path / "sub").exists()
     res = runner.invoke(app, [*args, "--json"])
     assert res.exit_code == 0, res.stderr
@@ -182,8 +251,25 @@ def test_uniform_head_count_llama_config_rejects_goes_flex(tmp_path, tokenizer_d
     assert info["class"] == "FlexLlamaForCausalLM" and info["params"] == m["params"]
     assert rel_err(logits, _reference(el, config_from_json(m["config"]))) <= 1e-5
     # the same architecture trained from scratch (`flex pretrain --like`) saves and reloads in the flex format
-    res = runner.invoke(app, ["pretrain", "-o", str(tmp_path / "scratch"), "--like", str(tmp_path / "sub"), "--corpus",
-                              str(calib_file), "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "pretrain",
+            "-o",
+            str(tmp_path / "scratch"),
+            "--like",
+            str(tmp_path / "sub"),
+            "--corpus",
+            str(calib_file),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     info, _ = _fresh(tmp_path / "scratch", True, tmp_path)
     assert info["class"] == "FlexLlamaForCausalLM" and info["params"] == m["params"]

@@ -12,10 +12,12 @@ from conftest import make_model
 from typer.testing import CliRunner
 
 from flexcli.cli import app
-from flexcli.convert import ConvertOptions, convert
+from flexcli.commands.convert import ConvertOptions, convert
+from flexcli.commands.profile import ProfileOptions, profile
 from flexcli.errors import InfeasibleError, UsageError
-from flexcli.latency import LATENCY_FORMAT, LatencyTable, Regime, load_table
-from flexcli.profile import ProfileOptions, profile, validation_stats
+from flexcli.io.layout import LATENCY_FORMAT
+from flexcli.latency.profile import validation_stats
+from flexcli.latency.table import LatencyTable, Regime, load_table
 
 runner = CliRunner()
 FAST = dict(repeats=3, warmup_s=0.0, max_spread=100.0)  # schema tests: no re-measurement
@@ -25,8 +27,8 @@ FAST = dict(repeats=3, warmup_s=0.0, max_spread=100.0)  # schema tests: no re-me
 def elastic(tmp_path_factory, tokenizer_dir, calib_file) -> Path:
     d = tmp_path_factory.mktemp("prof")
     src = make_model(d / "src", tokenizer_dir, "llama", 4, 2, hidden=64, layers=2, inter=128)
-    opts = ConvertOptions(calib=str(calib_file), calib_samples=2, seq_len=32, device="cpu")
-    return Path(convert(str(src), d / "el", opts).output)
+    opts = ConvertOptions(calib=str(calib_file), calib_samples=2, seq_len=32, device="cpu", output=d / "el")
+    return Path(convert(str(src), opts).output)
 
 
 def test_profile_writes_versioned_table_and_validation(elastic):
@@ -49,8 +51,9 @@ def test_profile_writes_versioned_table_and_validation(elastic):
     assert v["reference_drift"] == pytest.approx(max(refs) / min(refs) - 1)
     full = t.predict(t_full := [(m[0], h[0]) for m, h in zip(t.mlp, t.heads)], corrected=False)
     cfgs = [[(x["mlp"], x["heads"]) for x in c["config"]] for c in v["configs"]]
-    assert v["drift_normalized"] == validation_stats([t.predict(c, corrected=False) for c in cfgs],
-                                                     [m * full / r for m, r in zip(meas, refs)])
+    assert v["drift_normalized"] == validation_stats(
+        [t.predict(c, corrected=False) for c in cfgs], [m * full / r for m, r in zip(meas, refs)]
+    )
     assert t_full == [(128, 4)] * 2
     # the correction: least squares on timings rescaled to the machine's speed at table time
     corr = t.header["correction"]["configs"]
@@ -64,15 +67,19 @@ def test_profile_writes_versioned_table_and_validation(elastic):
     # a second regime coexists with the first
     res2 = profile(elastic, ProfileOptions(phase="decode", seq_len=8, kv_len=12, min_warmup_calls=2, **FAST))
     assert res2.regime != res.regime and "decode|kv12" in res2.regime
-    assert set(json.loads((elastic / "flex_latency.json").read_text())["regimes"]) == {res.regime, res2.regime}
+    assert set(json.loads((elastic / "flex_latency.json").read_text())["regimes"]) == {
+        res.regime,
+        res2.regime,
+    }
 
 
 def _table() -> LatencyTable:
     rng = random.Random(0)
     mlp, heads = [96, 64, 32], [4, 2]
     ms = [[[rng.uniform(0.1, 1.0) for _ in heads] for _ in mlp] for _ in range(3)]
-    return LatencyTable(Regime("cpu", "x", "float32", 1, 16, "prefill", 0), {}, 0.5, [mlp] * 3, [heads] * 3, ms,
-                        scale=1.1)
+    return LatencyTable(
+        Regime("cpu", "x", "float32", 1, 16, "prefill", 0), {}, 0.5, [mlp] * 3, [heads] * 3, ms, scale=1.1
+    )
 
 
 def test_latency_model_is_additive_and_expectation_matches():
@@ -81,7 +88,9 @@ def test_latency_model_is_additive_and_expectation_matches():
     want = (0.5 + t.ms[0][0][0] + t.ms[1][2][1] + t.ms[2][1][0]) * 1.1
     assert t.predict(cfg) == pytest.approx(want)
     one_hot = lambda n, i: torch.nn.functional.one_hot(torch.tensor(i), n).double()  # noqa: E731
-    e = t.expected([one_hot(3, 0), one_hot(3, 2), one_hot(3, 1)], [one_hot(2, 0), one_hot(2, 1), one_hot(2, 0)])
+    e = t.expected(
+        [one_hot(3, 0), one_hot(3, 2), one_hot(3, 1)], [one_hot(2, 0), one_hot(2, 1), one_hot(2, 0)]
+    )
     assert e.item() == pytest.approx(want)
     logits = torch.zeros(3, 3, requires_grad=True)
     hp = [torch.full((2,), 0.5, dtype=torch.float32) for _ in range(3)]
@@ -101,21 +110,38 @@ def test_validation_arithmetic():
 
 def test_profile_cli_json(elastic, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(app, ["profile", str(elastic), "--seq-len", "4", "--repeats", "3", "--warmup-s", "0",
-                              "--validate", "2", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "profile",
+            str(elastic),
+            "--seq-len",
+            "4",
+            "--repeats",
+            "3",
+            "--warmup-s",
+            "0",
+            "--validate",
+            "2",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert set(doc["validation"]) >= {"n", "within_10pct", "p90_abs_err", "mean_signed_err", "regime"}
     assert doc["validation"]["regime"] == doc["regime"]
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--device", "cuda"], "no CUDA device"),
-    (["--phase", "sideways"], "--phase"),
-    (["--repeats", "1"], "--repeats"),
-    (["--batch", "0"], "positive"),
-    (["--cuda-graphs"], "--device cuda"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--device", "cuda"], "no CUDA device"),
+        (["--phase", "sideways"], "--phase"),
+        (["--repeats", "1"], "--repeats"),
+        (["--batch", "0"], "positive"),
+        (["--cuda-graphs"], "--cuda-graphs"),
+    ],
+)
 def test_bad_profile_input(elastic, monkeypatch, tmp_path, args, needle):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is present")

@@ -12,23 +12,16 @@ from conftest import make_model, rel_err
 from transformers import AutoModelForCausalLM
 
 from flexcli.arch import Dims, detect
-from flexcli.budget import parse_budget, parse_budgets
-from flexcli.dynamic import DynamicRuntime
-from flexcli.elastic import ElasticModel
+from flexcli.arch.spec import ElasticSpec
+from flexcli.elastic.adaptive import DynamicRuntime
+from flexcli.elastic.runtime import ElasticModel
 from flexcli.errors import UsageError
-from flexcli.latency import LatencyTable, Regime
+from flexcli.latency.table import LatencyTable, Regime
+from flexcli.plan.budget import parse_budget, parse_budgets
 from flexcli.progress import Reporter
-from flexcli.router import DynamicRouter, StaticRouter, Surrogate, encode_budget
-from flexcli.router_train import (
-    RouterHyper,
-    SMState,
-    one_hot_config,
-    sample_config,
-    spearman,
-    static_config,
-    train_static,
-)
-from flexcli.spec import ElasticSpec
+from flexcli.router.models import DynamicRouter, StaticRouter, Surrogate, encode_budget, static_config
+from flexcli.router.surrogate import sample_config, sm_spearman, spearman, warm_up_surrogate
+from flexcli.router.training import RouterHyper, train_static
 
 
 def test_budget_parsing():
@@ -62,34 +55,34 @@ def test_router_shapes():
 def _synthetic():
     """4 layers; latency linear in width; 'loss' falls with width, more in early layers."""
     dims = Dims(4, 64, 256, 8, 8, 8, 100, False)
-    spec = ElasticSpec.build("llama", dims, [1, .875, .75, .625, .5, .375, .25], [1, .75, .5, .25], 32, "group")
+    spec = ElasticSpec.build(
+        "llama", dims, [1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25], [1, 0.75, 0.5, 0.25], 32, "group"
+    )
     mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
     ms = [[[0.02 * m / 32 + 0.1 * h for h in heads] for m in mlp] for _ in range(4)]
-    table = LatencyTable(Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.5, [mlp] * 4,
-                         [heads] * 4, ms)
+    table = LatencyTable(
+        Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.5, [mlp] * 4, [heads] * 4, ms
+    )
     weight = [1.0, 0.7, 0.5, 0.3]
 
     def oracle(cfg):
         return 3.0 + sum(w * (1 - m / 256) + 0.5 * w * (1 - h / 8) for w, (m, h) in zip(weight, cfg))
+
     return spec, table, oracle
 
 
 def test_sm_learns_and_static_router_meets_budgets():
     torch.manual_seed(0)  # the surrogate's initialisation; router training itself is seeded by RouterHyper
     spec, table, oracle = _synthetic()
-    mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
     rng = random.Random(0)
-    sm = SMState(Surrogate(4 * (len(mlp) + len(heads))), None)
-    sm.opt = torch.optim.Adam(sm.sm.parameters(), lr=1e-3)
-    for _ in range(256):
-        cfg = sample_config(spec, rng)
-        sm.xs.append(one_hot_config(cfg, mlp, heads))
-        sm.ys.append(oracle(cfg))
-    sm.fit(600, torch.Generator().manual_seed(0))
+    # the production warm-up (train-router's): 256 sampled configurations, then 600 fitting steps
+    h = RouterHyper()
+    sm = warm_up_surrogate(
+        spec, oracle, h.sm_warmup, h.sm_lr, rng, torch.Generator().manual_seed(0), Reporter()
+    )
+    assert len(sm.ys) == 256
     held = [sample_config(spec, rng) for _ in range(48)]
-    with torch.no_grad():
-        pred = sm.sm(torch.stack([one_hot_config(c, mlp, heads) for c in held])).tolist()
-    assert spearman(pred, [oracle(c) for c in held]) >= 0.8
+    assert sm_spearman(sm, spec, held, [oracle(c) for c in held]) >= 0.8
 
     full = table.full_ms()
     targets = [0.45 * full, 0.6 * full, 0.8 * full]
@@ -111,7 +104,9 @@ def tiny_elastic(tmp_path, tokenizer_dir):
     path = make_model(tmp_path / "m", tokenizer_dir, "llama", 8, 4, hidden=64, layers=3, inter=128)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     cfg = model.config.to_dict()
-    spec = ElasticSpec.build("llama", Dims.from_config(cfg), [1, .75, .5, .25], [1, .5, .25], 32, "group")
+    spec = ElasticSpec.build(
+        "llama", Dims.from_config(cfg), [1, 0.75, 0.5, 0.25], [1, 0.5, 0.25], 32, "group"
+    )
     return ElasticModel(model, detect(cfg), spec)
 
 
@@ -125,9 +120,13 @@ def _masked_reference(el: ElasticModel, x, choices):
         widths = torch.tensor(mlp)[km]  # (B, S)
         nmask = (torch.arange(d.intermediate_size)[None, None, :] < widths[..., None]).float()
         hcount = torch.tensor(heads)[kh]  # (B,)
-        hmask = (torch.arange(d.num_heads)[None, :] < hcount[:, None]).float().repeat_interleave(d.head_dim, -1)
+        hmask = (
+            (torch.arange(d.num_heads)[None, :] < hcount[:, None]).float().repeat_interleave(d.head_dim, -1)
+        )
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, nm=nmask: (a[0] * nm,)))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, hm=hmask: (a[0] * hm[:, None, :],)))
+        hooks.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, hm=hmask: (a[0] * hm[:, None, :],))
+        )
     try:
         with torch.no_grad():
             return el.model(input_ids=x).logits
@@ -140,8 +139,14 @@ def test_input_adaptive_runtime_equals_per_token_reference(tiny_elastic):
     el = tiny_elastic
     spec = el.spec
     torch.manual_seed(0)
-    router = DynamicRouter(2, spec.dims.num_layers, spec.dims.hidden_size, len(spec.layers[0].mlp),
-                           len(spec.layers[0].heads), init_std=1.0)
+    router = DynamicRouter(
+        2,
+        spec.dims.num_layers,
+        spec.dims.hidden_size,
+        len(spec.layers[0].mlp),
+        len(spec.layers[0].heads),
+        init_std=1.0,
+    )
     x = torch.randint(0, spec.dims.vocab_size, (3, 11))
     rt = DynamicRuntime(el, router)
     rt.budget = torch.tensor([[1.0, 0.0]]).expand(3, -1)
@@ -154,32 +159,74 @@ def test_input_adaptive_runtime_equals_per_token_reference(tiny_elastic):
     want = _masked_reference(el, x, choices)
     assert rel_err(got, want) <= 1e-5
     with torch.no_grad():  # closed: back to the plain elastic model
-        assert rel_err(el.model(input_ids=x).logits, _masked_reference(el, x, [
-            (torch.zeros(3, 11, dtype=torch.long), torch.zeros(3, dtype=torch.long))] * 3)) <= 1e-6
+        assert (
+            rel_err(
+                el.model(input_ids=x).logits,
+                _masked_reference(
+                    el, x, [(torch.zeros(3, 11, dtype=torch.long), torch.zeros(3, dtype=torch.long))] * 3
+                ),
+            )
+            <= 1e-6
+        )
 
 
 def test_train_router_cli_end_to_end(tmp_path, tokenizer_dir, calib_file, monkeypatch):
     from typer.testing import CliRunner
 
     from flexcli.cli import app
-    from flexcli.convert import ConvertOptions, convert
-    from flexcli.latency import save_table
+    from flexcli.commands.convert import ConvertOptions, convert
+    from flexcli.latency.table import save_table
 
     src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 4, hidden=64, layers=2, inter=128)
-    el = convert(str(src), tmp_path / "el", ConvertOptions(calib=str(calib_file), calib_samples=2, seq_len=32,
-                                                           device="cpu")).output
+    el = convert(
+        str(src),
+        ConvertOptions(
+            calib=str(calib_file), calib_samples=2, seq_len=32, device="cpu", output=tmp_path / "el"
+        ),
+    ).output
     spec = ElasticSpec.from_dict(json.loads((tmp_path / "el" / "flex_elastic.json").read_text())["spec"])
     mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
-    table = LatencyTable(Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.2, [mlp] * 2,
-                         [heads] * 2, [[[0.01 * m / 16 + 0.1 * h for h in heads] for m in mlp]] * 2)
+    table = LatencyTable(
+        Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0),
+        {},
+        0.2,
+        [mlp] * 2,
+        [heads] * 2,
+        [[[0.01 * m / 16 + 0.1 * h for h in heads] for m in mlp]] * 2,
+    )
     save_table(tmp_path / "el", table)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(app, ["train-router", el, "--budgets", "50%,80%,100%", "--steps", "40", "--dynamic-steps", "8",
-                              "--sm-warmup", "16", "--seq-len", "32", "--data", str(calib_file), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "train-router",
+            el,
+            "--budgets",
+            "50%,80%,100%",
+            "--steps",
+            "40",
+            "--dynamic-steps",
+            "8",
+            "--sm-warmup",
+            "16",
+            "--seq-len",
+            "32",
+            "--data",
+            str(calib_file),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert {"budget_ms", "lut_latency_ms", "ppl", "uniform_ppl", "dynamic_ppl", "dynamic_mean_latency_ms"} <= set(doc["budgets"][0])
+    assert {
+        "budget_ms",
+        "lut_latency_ms",
+        "ppl",
+        "uniform_ppl",
+        "dynamic_ppl",
+        "dynamic_mean_latency_ms",
+    } <= set(doc["budgets"][0])
     assert "sm_spearman" in doc
     full = doc["budgets"][-1]
     assert [c["mlp"] for c in full["config"]] == [mlp[0]] * 2  # 100% is the full model exactly

@@ -11,17 +11,25 @@ from conftest import make_model
 from safetensors.torch import load_file
 
 from flexcli.arch import Dims
-from flexcli.convert import ConvertOptions, convert
-from flexcli.elastic_train import random_config, sample_configs
+from flexcli.arch.spec import ElasticSpec
+from flexcli.commands.convert import ConvertOptions, convert
 from flexcli.errors import UsageError
 from flexcli.recipe import TrainSection
-from flexcli.spec import ElasticSpec
-from flexcli.train_ckpt import Checkpoints
+from flexcli.train.checkpoints import Checkpoints
+from flexcli.train.elastic import random_config, sample_configs
 
 
 def _recipe(tmp_path: Path, **train) -> Path:
-    body = {"precision": "fp32", "batch_size": 4, "seq_len": 32, "checkpoint_every": 5, "warmup": 2,
-            "val_samples": 4, "val_random_configs": 1, **train}
+    body = {
+        "precision": "fp32",
+        "batch_size": 4,
+        "seq_len": 32,
+        "checkpoint_every": 5,
+        "warmup": 2,
+        "val_samples": 4,
+        "val_random_configs": 1,
+        **train,
+    }
     lines = ["stages: [permute, train]", "train:"] + [f"  {k}: {json.dumps(v)}" for k, v in body.items()]
     p = tmp_path / f"recipe-{abs(hash(tuple(sorted(body.items()))))}.yaml"
     p.write_text("\n".join(lines) + "\n")
@@ -33,7 +41,9 @@ def _opts(calib, recipe, **kw) -> ConvertOptions:
 
 
 def test_sampling_rules():
-    spec = ElasticSpec.build("llama", Dims(4, 64, 96, 8, 2, 8, 100, False), [1, .75, .5, .25], [1, .5], 64, "query")
+    spec = ElasticSpec.build(
+        "llama", Dims(4, 64, 96, 8, 2, 8, 100, False), [1, 0.75, 0.5, 0.25], [1, 0.5], 64, "query"
+    )
     g = torch.Generator().manual_seed(0)
     picks = [sample_configs(spec, TrainSection(p_full=0.33), g) for _ in range(3000)]
     assert all(len(p) == 1 for p in picks)
@@ -50,10 +60,13 @@ def test_sampling_rules():
 
 def test_training_improves_subnetworks_and_writes_report(tmp_path, tokenizer_dir, calib_file):
     src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2, hidden=64, layers=2)
-    res = convert(str(src), tmp_path / "out", _opts(calib_file, _recipe(tmp_path, steps=30, lr=3e-3, distill=0.5)))
+    res = convert(
+        str(src),
+        _opts(calib_file, _recipe(tmp_path, steps=30, lr=3e-3, distill=0.5), output=tmp_path / "out"),
+    )
     t = res.training
-    before = {r["name"]: r["loss"] for r in t["before"]}
-    after = {r["name"]: r["loss"] for r in t["after"]}
+    before = {r.name: r.loss for r in t.before}
+    after = {r.name: r.loss for r in t.after}
     assert after["uniform 50%"] < before["uniform 50%"]
     assert after["full"] < before["full"]  # a random model: training helps everywhere
     out = Path(res.output)
@@ -70,7 +83,7 @@ class Interrupt(Exception):
 def test_resume_gives_the_same_weights(tmp_path, tokenizer_dir, calib_file, monkeypatch):
     src = make_model(tmp_path / "src", tokenizer_dir, "qwen2", 4, 2, hidden=64, layers=2)
     recipe = _recipe(tmp_path, steps=12, p_full=0.3, sampling="mixed")
-    straight = Path(convert(str(src), tmp_path / "a", _opts(calib_file, recipe)).output)
+    straight = Path(convert(str(src), _opts(calib_file, recipe, output=tmp_path / "a")).output)
 
     real_save = Checkpoints.save
 
@@ -82,21 +95,24 @@ def test_resume_gives_the_same_weights(tmp_path, tokenizer_dir, calib_file, monk
 
     monkeypatch.setattr(Checkpoints, "save", save_then_die)
     with pytest.raises(Interrupt):
-        convert(str(src), tmp_path / "b", _opts(calib_file, recipe))
+        convert(str(src), _opts(calib_file, recipe, output=tmp_path / "b"))
     monkeypatch.setattr(Checkpoints, "save", real_save)
     assert not (tmp_path / "b").exists()
     work = tmp_path / ".b.flex-train"
     assert sorted(p.name for p in work.glob("step-*")) == ["step-0000005", "step-0000010"]
 
-    with pytest.raises(UsageError, match="--resume"):  # without --resume the checkpoints are not discarded
-        convert(str(src), tmp_path / "b", _opts(calib_file, recipe))
+    with pytest.raises(UsageError, match="resume=True"):  # without resuming the checkpoints are not discarded
+        convert(str(src), _opts(calib_file, recipe, output=tmp_path / "b"))
     with pytest.raises(UsageError, match="different recipe"):
-        convert(str(src), tmp_path / "b", _opts(calib_file, _recipe(tmp_path, steps=12, lr=1e-3), resume=True))
+        convert(
+            str(src),
+            _opts(calib_file, _recipe(tmp_path, steps=12, lr=1e-3), resume=True, output=tmp_path / "b"),
+        )
     other = make_model(tmp_path / "other", tokenizer_dir, "qwen2", 4, 2, hidden=64, layers=2, seed=1)
     with pytest.raises(UsageError, match="another model"):
-        convert(str(other), tmp_path / "b", _opts(calib_file, recipe, resume=True))
+        convert(str(other), _opts(calib_file, recipe, resume=True, output=tmp_path / "b"))
 
-    resumed = Path(convert(str(src), tmp_path / "b", _opts(calib_file, recipe, resume=True)).output)
+    resumed = Path(convert(str(src), _opts(calib_file, recipe, resume=True, output=tmp_path / "b")).output)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -108,13 +124,15 @@ def test_resume_gives_the_same_weights(tmp_path, tokenizer_dir, calib_file, monk
 def test_bad_training_inputs(tmp_path, tokenizer_dir, calib_file):
     src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2)
     with pytest.raises(UsageError, match="p_full"):
-        convert(str(src), tmp_path / "o", _opts(calib_file, _recipe(tmp_path, steps=2, p_full=1.5)))
+        convert(str(src), _opts(calib_file, _recipe(tmp_path, steps=2, p_full=1.5), output=tmp_path / "o"))
     with pytest.raises(UsageError, match="no checkpoint"):
-        convert(str(src), tmp_path / "o", _opts(calib_file, _recipe(tmp_path, steps=2), resume=True))
+        convert(str(src), _opts(calib_file, _recipe(tmp_path, steps=2), resume=True, output=tmp_path / "o"))
     with pytest.raises(UsageError, match="fewer than one batch"):
-        convert(str(src), tmp_path / "o", _opts(calib_file, _recipe(tmp_path, steps=2, batch_size=4096)))
+        convert(
+            str(src), _opts(calib_file, _recipe(tmp_path, steps=2, batch_size=4096), output=tmp_path / "o")
+        )
     with pytest.raises(UsageError, match="train.steps or train.tokens"):
         r = tmp_path / "r.yaml"
         r.write_text("stages: [permute, train]\n")
-        convert(str(src), tmp_path / "o", _opts(calib_file, r))
+        convert(str(src), _opts(calib_file, r, output=tmp_path / "o"))
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.flex-train").exists()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from flexcli.cli import app
-from flexcli.convert import ConvertOptions, convert
+from flexcli.commands.convert import ConvertOptions, convert
 
 runner = CliRunner()
 
@@ -20,8 +20,14 @@ runner = CliRunner()
 @pytest.fixture
 def elastic(tmp_path, tokenizer_dir, calib_file) -> Path:
     src = make_model(tmp_path / "src", tokenizer_dir, "qwen2", 4, 2, hidden=64, layers=2)
-    return Path(convert(str(src), tmp_path / "el", ConvertOptions(calib=str(calib_file), calib_samples=2, seq_len=32,
-                                                                  device="cpu")).output)
+    return Path(
+        convert(
+            str(src),
+            ConvertOptions(
+                calib=str(calib_file), calib_samples=2, seq_len=32, device="cpu", output=tmp_path / "el"
+            ),
+        ).output
+    )
 
 
 def _run(path):
@@ -43,16 +49,28 @@ def _rewrite(path: Path, fn) -> None:
     save_file(t, str(f), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("damage,needle", [
-    ("nan", "NaN or Inf"), ("shape", "shape does not match"), ("missing", "missing tensor"),
-    ("truncate", "truncated"), ("perm", "not a permutation"), ("extra", "unexpected tensor"),
-])
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("nan", "NaN or Inf"),
+        ("shape", "shape does not match"),
+        ("missing", "missing tensor"),
+        ("truncate", "truncated"),
+        ("perm", "not a permutation"),
+        ("extra", "unexpected tensor"),
+    ],
+)
 def test_damage_is_reported(elastic, damage, needle):
     if damage == "nan":
         _rewrite(elastic, lambda t: t["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")))
     elif damage == "shape":
-        _rewrite(elastic, lambda t: t.__setitem__("model.layers.0.mlp.down_proj.weight",
-                                                  t["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous()))
+        _rewrite(
+            elastic,
+            lambda t: t.__setitem__(
+                "model.layers.0.mlp.down_proj.weight",
+                t["model.layers.0.mlp.down_proj.weight"][:, :-1].contiguous(),
+            ),
+        )
     elif damage == "missing":
         _rewrite(elastic, lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"))
     elif damage == "extra":

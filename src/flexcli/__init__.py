@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 def register_auto_classes() -> None:
     """Make extracted heterogeneous sub-models (model_type flexcli_*) loadable by AutoModelForCausalLM
     without trust_remote_code. Done on `import flexcli` when transformers is already imported."""
-    from .hf_modeling import register
+    from .arch.hf_modeling import register
 
     register()
 

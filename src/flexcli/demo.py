@@ -26,6 +26,132 @@ def flex(*args: str, cwd: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+def pretrain_base(d: Path, size: str, steps: int) -> dict:
+    """The base model: pretrained here, or reused from an earlier run."""
+    base = d / "base"
+    from flexcli.io.layout import PRETRAIN
+
+    if (base / PRETRAIN).exists():
+        print(f"reusing base model {base} (make demo-clean to retrain)", file=sys.stderr)
+        info = json.loads((base / PRETRAIN).read_text())
+        return {
+            "heldout_ppl": round(2.718281828 ** info["heldout_loss"], 3),
+            "train_tokens": info["train_tokens"],
+        }
+    return flex("pretrain", "-o", str(base), "--size", size, "--steps", str(steps), cwd=d)
+
+
+def convert_both(d: Path, pre: dict) -> tuple[dict, dict]:
+    """Importance order + elastic training (~8% of pretraining, as the paper's 7.63%), and the random-order
+    prune-only baseline."""
+    (d / "elastic.yaml").write_text(
+        "stages: [permute, train]\n"
+        f"train: {{tokens: {int(0.08 * pre['train_tokens'])}, batch_size: 16, seq_len: 256, lr: 3.0e-4, warmup: 5, "
+        "distill: 1.0,\n        checkpoint_every: 20, val_samples: 64, val_random_configs: 2}\n"
+    )
+    (d / "random-order.yaml").write_text("importance:\n  order: random\n  seed: 0\n")
+    common = ["--calib", "stdlib", "--calib-samples", "64", "--seq-len", "256", "--force"]
+    imp = flex(
+        "convert",
+        str(d / "base"),
+        "-o",
+        str(d / "base-elastic"),
+        "--recipe",
+        str(d / "elastic.yaml"),
+        *common,
+        cwd=d,
+    )
+    rnd = flex(
+        "convert",
+        str(d / "base"),
+        "-o",
+        str(d / "random-order-elastic"),
+        "--recipe",
+        str(d / "random-order.yaml"),
+        "--eval-data",
+        "stdlib",
+        *common,
+        cwd=d,
+    )
+    return imp, rnd
+
+
+def print_quality(pre: dict, imp: dict, rnd: dict) -> None:
+    t = imp["training"]
+    before = {r["name"]: r for r in t["before"]}
+    after = {r["name"]: r for r in t["after"]}
+    rand = {f"uniform {w['ratio']:.0%}" if w["ratio"] < 1 else "full": w["ppl"] for w in rnd["widths"]}
+    print(
+        f"\nbase model: {pre['train_tokens']:,} training tokens of the Python stdlib, "
+        f"held-out ppl {pre['heldout_ppl']:.2f}"
+    )
+    print(
+        f"elastic training: {t['tokens']:,} tokens ({t['tokens'] / pre['train_tokens']:.1%} of pretraining), "
+        f"{t['tokens_per_s']:.0f} tok/s\n"
+    )
+    print("held-out perplexity per sub-network (uniform = the same MLP and head fraction in every layer):\n")
+    print(
+        f"{'configuration':<14} {'mlp':>5} {'heads':>5} {'random order':>13} {'importance':>11} "
+        f"{'+ elastic training':>19}"
+    )
+    for name, row in before.items():
+        r = f"{rand[name]:.2f}" if name in rand else "-"
+        print(
+            f"{name:<14} {row['mlp'][0]:>5} {row['heads'][0]:>5} {r:>13} "
+            f"{row['ppl']:>11.2f} {after[name]['ppl']:>19.2f}"
+        )
+    half, half_r, half_t = before["uniform 50%"]["ppl"], rand["uniform 50%"], after["uniform 50%"]["ppl"]
+    print(
+        f"\nat 50% width: importance order {'beats' if half < half_r else 'does NOT beat'} random order "
+        f"({half:.2f} vs {half_r:.2f}); elastic training brings it to {half_t:.2f}."
+    )
+    full0, full1 = pre["heldout_ppl"], after["full"]["ppl"]
+    print(f"full model: {full0:.2f} before, {full1:.2f} after elastic training ({full1 / full0 - 1:+.1%}).")
+
+
+def profile_and_route(d: Path, el: str) -> None:
+    prof = flex("profile", el, "--seq-len", "128", "--validate", "10", "--correct", "3", cwd=d)
+    v = prof["validation"]
+    print(
+        f"\nlatency table ({prof['regime']}): full {prof['full_ms']:.2f} ms, smallest {prof['smallest_ms']:.2f} ms; "
+        f"{v['n']} random per-layer configurations: {v['within_10pct']:.0%} within ±10% of measured "
+        f"(p90 |err| {v['p90_abs_err']:.1%}, mean {v['mean_signed_err']:+.1%})"
+    )
+    rt = flex("train-router", el, "--budgets", "55%,65%,75%,88%", "--joint-steps", "40", cwd=d)
+    print(
+        f"\nrouters (surrogate Spearman {rt['sm_spearman']:.2f} on held-out configurations); held-out ppl:\n"
+    )
+    print(
+        f"{'budget':>7} {'ms':>7} {'LUT ms':>7} {'static':>8} {'uniform':>8} {'adaptive':>9} {'adapt ms':>9} "
+        f"{'joint':>7}"
+    )
+    for b in rt["budgets"]:
+        dyn = (
+            f"{b['dynamic_ppl']:>9.2f} {b['dynamic_mean_latency_ms']:>9.2f}"
+            if b["dynamic_ppl"]
+            else f"{'-':>9} {'-':>9}"
+        )
+        joint = f"{b['joint_ppl']:>7.2f}" if b["joint_ppl"] else f"{'-':>7}"
+        print(
+            f"{b['budget']:>7} {b['budget_ms']:>7.2f} {b['lut_latency_ms']:>7.2f} {b['ppl']:>8.2f} "
+            f"{b['uniform_ppl']:>8.2f} {dyn} {joint}"
+        )
+
+
+def extract_and_report(d: Path, el: str) -> None:
+    ex = flex("extract", el, "--budget", "65%,88%", "-o", str(d / "sub"), "--force", cwd=d)
+    print("\nextracted sub-models (load with stock transformers; verified against the elastic model):\n")
+    print(
+        f"{'budget':>7} {'budget ms':>9} {'format':>6} {'params':>8} {'predicted ms':>12} {'measured ms':>11}  path"
+    )
+    for m in ex["models"]:
+        meas = f"{m['measured_latency_ms']:>11.2f}" if m["measured_latency_ms"] else f"{'-':>11}"
+        print(
+            f"{m['budget']:>7} {m['budget_ms']:>9.2f} {m['format']:>6} {m['params'] / 1e6:>7.2f}M "
+            f"{m['predicted_latency_ms']:>12.2f} {meas}  {m['output']}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", type=Path, default=Path("demo"))
@@ -35,65 +161,12 @@ def main() -> None:
     d = args.dir.resolve()
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    base = d / "base"
-    if (base / "flex_pretrain.json").exists():
-        print(f"reusing base model {base} (make demo-clean to retrain)", file=sys.stderr)
-        info = json.loads((base / "flex_pretrain.json").read_text())
-        pre = {"heldout_ppl": round(2.718281828 ** info["heldout_loss"], 3), "train_tokens": info["train_tokens"]}
-    else:
-        pre = flex("pretrain", "-o", str(base), "--size", args.size, "--steps", str(args.steps), cwd=d)
-    elastic_tokens = int(0.08 * pre["train_tokens"])  # ~8% of pretraining, as the paper's 7.63%
-    (d / "elastic.yaml").write_text(
-        "stages: [permute, train]\n"
-        f"train: {{tokens: {elastic_tokens}, batch_size: 16, seq_len: 256, lr: 3.0e-4, warmup: 5, distill: 1.0,\n"
-        "        checkpoint_every: 20, val_samples: 64, val_random_configs: 2}\n")
-    (d / "random-order.yaml").write_text("importance:\n  order: random\n  seed: 0\n")
-    common = ["--calib", "stdlib", "--calib-samples", "64", "--seq-len", "256", "--force"]
-    imp = flex("convert", str(base), "-o", str(d / "base-elastic"), "--recipe", str(d / "elastic.yaml"), *common,
-               cwd=d)
-    rnd = flex("convert", str(base), "-o", str(d / "random-order-elastic"), "--recipe", str(d / "random-order.yaml"),
-               "--eval-data", "stdlib", *common, cwd=d)
-
-    t = imp["training"]
-    before = {r["name"]: r for r in t["before"]}
-    after = {r["name"]: r for r in t["after"]}
-    rand = {f"uniform {w['ratio']:.0%}" if w["ratio"] < 1 else "full": w["ppl"] for w in rnd["widths"]}
-    print(f"\nbase model: {pre['train_tokens']:,} training tokens of the Python stdlib, held-out ppl {pre['heldout_ppl']:.2f}")
-    print(f"elastic training: {t['tokens']:,} tokens ({t['tokens'] / pre['train_tokens']:.1%} of pretraining), "
-          f"{t['tokens_per_s']:.0f} tok/s\n")
-    print("held-out perplexity per sub-network (uniform = the same MLP and head fraction in every layer):\n")
-    print(f"{'configuration':<14} {'mlp':>5} {'heads':>5} {'random order':>13} {'importance':>11} {'+ elastic training':>19}")
-    for name, row in before.items():
-        r = f"{rand[name]:.2f}" if name in rand else "-"
-        print(f"{name:<14} {row['mlp'][0]:>5} {row['heads'][0]:>5} {r:>13} "
-              f"{row['ppl']:>11.2f} {after[name]['ppl']:>19.2f}")
-    half, half_r, half_t = before["uniform 50%"]["ppl"], rand["uniform 50%"], after["uniform 50%"]["ppl"]
-    print(f"\nat 50% width: importance order {'beats' if half < half_r else 'does NOT beat'} random order "
-          f"({half:.2f} vs {half_r:.2f}); elastic training brings it to {half_t:.2f}.")
-    full0, full1 = pre["heldout_ppl"], after["full"]["ppl"]
-    print(f"full model: {full0:.2f} before, {full1:.2f} after elastic training ({full1 / full0 - 1:+.1%}).")
-
+    pre = pretrain_base(d, args.size, args.steps)
+    imp, rnd = convert_both(d, pre)
+    print_quality(pre, imp, rnd)
     el = imp["output"]
-    prof = flex("profile", el, "--seq-len", "128", "--validate", "10", "--correct", "3", cwd=d)
-    v = prof["validation"]
-    print(f"\nlatency table ({prof['regime']}): full {prof['full_ms']:.2f} ms, smallest {prof['smallest_ms']:.2f} ms; "
-          f"{v['n']} random per-layer configurations: {v['within_10pct']:.0%} within ±10% of measured "
-          f"(p90 |err| {v['p90_abs_err']:.1%}, mean {v['mean_signed_err']:+.1%})")
-    rt = flex("train-router", el, "--budgets", "55%,65%,75%,88%", "--joint-steps", "40", cwd=d)
-    print(f"\nrouters (surrogate Spearman {rt['sm_spearman']:.2f} on held-out configurations); held-out ppl:\n")
-    print(f"{'budget':>7} {'ms':>7} {'LUT ms':>7} {'static':>8} {'uniform':>8} {'adaptive':>9} {'adapt ms':>9} {'joint':>7}")
-    for b in rt["budgets"]:
-        dyn = f"{b['dynamic_ppl']:>9.2f} {b['dynamic_mean_latency_ms']:>9.2f}" if b["dynamic_ppl"] else f"{'-':>9} {'-':>9}"
-        joint = f"{b['joint_ppl']:>7.2f}" if b["joint_ppl"] else f"{'-':>7}"
-        print(f"{b['budget']:>7} {b['budget_ms']:>7.2f} {b['lut_latency_ms']:>7.2f} {b['ppl']:>8.2f} "
-              f"{b['uniform_ppl']:>8.2f} {dyn} {joint}")
-    ex = flex("extract", el, "--budget", "65%,88%", "-o", str(d / "sub"), "--force", cwd=d)
-    print("\nextracted sub-models (load with stock transformers; verified against the elastic model):\n")
-    print(f"{'budget':>7} {'budget ms':>9} {'format':>6} {'params':>8} {'predicted ms':>12} {'measured ms':>11}  path")
-    for m in ex["models"]:
-        meas = f"{m['measured_latency_ms']:>11.2f}" if m["measured_latency_ms"] else f"{'-':>11}"
-        print(f"{m['budget']:>7} {m['budget_ms']:>9.2f} {m['format']:>6} {m['params'] / 1e6:>7.2f}M "
-              f"{m['predicted_latency_ms']:>12.2f} {meas}  {m['output']}")
+    profile_and_route(d, el)
+    extract_and_report(d, el)
     print(f"\nelastic checkpoint: {el}   ({time.time() - t0:.0f}s)")
 
 

@@ -15,6 +15,7 @@ import yaml
 from .errors import UsageError
 
 STAGES = ("permute", "train")
+P_FULL = 0.33  # probability of the full model per micro-batch (Megatron-LM's default [S2])
 
 
 @dataclass
@@ -65,7 +66,7 @@ class TrainSection:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
-    p_full: float = 0.33  # probability of the full model per micro-batch [S2]
+    p_full: float = P_FULL  # probability of the full model per micro-batch
     sampling: str = "layerwise"  # layerwise (per-layer random) | uniform (one width for all) | mixed
     sandwich: bool = False  # full + smallest + one random sub-network every micro-batch
     distill: float = 1.0  # weight of KL(frozen original || sub-network) vs LM loss; 0 = plain LM loss
@@ -127,8 +128,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in raw:
         if k not in names:
-            raise UsageError(f"recipe: unknown key {(where + '.' if where else '') + str(k)!r}; "
-                             f"valid keys here: {', '.join(names)}")
+            raise UsageError(
+                f"recipe: unknown key {(where + '.' if where else '') + str(k)!r}; "
+                f"valid keys here: {', '.join(names)}"
+            )
     kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -150,7 +153,9 @@ def validate(r: Recipe) -> Recipe:
     if c.samples < 1 or c.seq_len < 2 or c.batch_size < 1:
         raise UsageError("recipe: calibration.samples, seq_len and batch_size must be positive")
     if r.importance.order not in ("importance", "random", "identity"):
-        raise UsageError(f"recipe: importance.order must be importance, random or identity, got {r.importance.order!r}")
+        raise UsageError(
+            f"recipe: importance.order must be importance, random or identity, got {r.importance.order!r}"
+        )
     t = r.train
     if not 0 <= t.p_full <= 1:
         raise UsageError(f"recipe: train.p_full must be in [0, 1], got {t.p_full}")
@@ -161,11 +166,15 @@ def validate(r: Recipe) -> Recipe:
     if t.precision not in ("auto", "fp32", "bf16"):
         raise UsageError(f"recipe: train.precision must be auto, fp32 or bf16, got {t.precision!r}")
     if t.batch_size < 1 or t.grad_accum < 1 or t.seq_len < 2 or t.lr <= 0 or t.keep_checkpoints < 1:
-        raise UsageError("recipe: train.batch_size, grad_accum, seq_len, lr and keep_checkpoints must be positive")
+        raise UsageError(
+            "recipe: train.batch_size, grad_accum, seq_len, lr and keep_checkpoints must be positive"
+        )
     if (t.steps is not None and t.steps < 1) or (t.tokens is not None and t.tokens < 1):
         raise UsageError("recipe: train.steps and train.tokens must be positive")
     if "train" in r.stages and t.steps is None and t.tokens is None:
-        raise UsageError("recipe: the train stage needs train.steps or train.tokens (or --steps / --train-tokens)")
+        raise UsageError(
+            "recipe: the train stage needs train.steps or train.tokens (or --steps / --train-tokens)"
+        )
     if r.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"recipe: dtype must be float32, bfloat16 or float16, got {r.dtype!r}")
     if r.device.split(":")[0] not in ("auto", "cpu", "cuda"):

@@ -1,0 +1,314 @@
+"""The `flex` command line: parse flags into typed options, call one library function, render its result.
+
+Results go to stdout (a table, a path, or with --json exactly one JSON document); progress, logs and
+errors go to stderr. Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 3 infeasible request.
+Heavy imports (torch, transformers) happen inside the commands, so `flex --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .. import __version__
+from ..errors import EXIT_USAGE
+from ..progress import Reporter
+from . import render
+from .render import STATE, run
+
+T = TypeVar("T")
+
+EPILOG = (
+    "Exit codes: 0 ok · 1 runtime failure · 2 bad usage or input · 3 infeasible request · 130 interrupted. "
+    "FLEX_DEBUG=1 shows tracebacks."
+)
+app = typer.Typer(
+    name="flex",
+    help="Flextron for Hugging Face LLMs: one elastic model, many latency budgets.",
+    epilog=EPILOG,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=True,
+    rich_markup_mode=None,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+MaxShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flex {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Only results and errors.")] = False,
+    verbose: Annotated[
+        int, typer.Option("-v", "--verbose", count=True, help="More logs; tracebacks on errors.")
+    ] = 0,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Flextron for Hugging Face LLMs."""
+    STATE["verbosity"] = -1 if quiet else verbose
+    if verbose == 0:  # transformers' own warnings and tqdm bars are noise on our stderr
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def options(cls: type[T], params: dict[str, Any], **values: Any) -> T:
+    """`cls` (an options dataclass) from a command's parameters: flags map one to one onto fields of the same
+    name (which is how errors about a field are traced back to its flag); `values` are parsed ones."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in params.items() if k in names and k not in values}, **values)
+
+
+def _elastic_arg(path: Path | None) -> Path:
+    """ELASTIC, or the one recorded in ./flex-project.json."""
+    from ..io.project import default_elastic
+
+    return path if path is not None else default_elastic()
+
+
+ElasticArg = Annotated[
+    Path | None,
+    typer.Argument(help="Elastic checkpoint [default: the one converted here, from ./flex-project.json]."),
+]
+RegimeOpt = Annotated[
+    str | None,
+    typer.Option("--regime", help="Latency-table regime key (or a unique part of it) [default: newest]."),
+]
+
+
+# One line per option reads best: the command signatures are declarations, not logic.
+# fmt: off
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="Local HF model directory, a recipe name (llama-2-7b) or a hub id.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output directory [default: ./NAME-elastic].")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML (see recipes/).")] = None,
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration text: file, directory, JSONL (text field) or 'stdlib'.")] = None,
+    calib_samples: Annotated[int | None, typer.Option("--calib-samples", min=1, help="Number of calibration sequences N.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=2, help="Calibration sequence length L in tokens.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Compute dtype: float32 or bfloat16.")] = None,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out text for a perplexity-per-width report.")] = None,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin (pickle) weights, loaded with weights_only=True.")] = False,
+    max_shard_size: MaxShardOpt = "5GB",
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Elastic training steps (enables the train stage).")] = None,
+    train_tokens: Annotated[int | None, typer.Option("--train-tokens", min=1, help="Elastic training tokens (enables the train stage).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate of elastic training.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Global batch size in sequences.")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Training text (default: the calibration text).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue elastic training from the newest checkpoint.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank MLP neurons and attention heads, permute them by importance, train every width, write OUT."""
+    params = dict(locals())
+    from ..commands import convert as cmd
+    from .parse import parse_size
+
+    def convert_(rep: Reporter):  # the shard size is parsed inside run(), which maps its error to a flag
+        return cmd.convert(
+            model, options(cmd.ConvertOptions, params, max_shard_bytes=parse_size(max_shard_size)), rep
+        )
+
+    run(convert_, as_json, render.convert_result, {"output": "-o/--output"})
+
+
+@app.command()
+def pretrain(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output model directory.")],
+    corpus: Annotated[str, typer.Option("--corpus", help="Training text: 'stdlib' (the Python standard library), a file, directory or JSONL.")] = "stdlib",
+    size: Annotated[str, typer.Option("--size", help="tiny, small (~4M params) or base (~14M).")] = "small",
+    steps: Annotated[int, typer.Option("--steps", min=1)] = 600,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 256,
+    lr: Annotated[float, typer.Option("--lr")] = 3e-3,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 autocast on AMX/AVX512-BF16 CPUs and GPUs), fp32 or bf16.")] = "auto",
+    like: Annotated[Path | None, typer.Option("--like", help="Take architecture and tokenizer from this model directory (fresh weights; --size is ignored).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a small Llama base model (and its BPE tokenizer) from scratch on a real text corpus."""
+    params = dict(locals())
+    from ..commands.pretrain import PretrainOptions
+    from ..commands.pretrain import pretrain as do_pretrain
+
+    o = options(PretrainOptions, params)
+    run(lambda rep: do_pretrain(output, o, rep), as_json, render.pretrain_result)
+
+
+@app.command()
+def profile(
+    elastic: ElasticArg = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (GPU).")] = "float32",
+    batch: Annotated[int, typer.Option("--batch", help="Batch size B.")] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Prefill: tokens per sequence S.")] = 128,
+    phase: Annotated[str, typer.Option("--phase", help="prefill (a forward over B x S) or decode (one token per sequence).")] = "prefill",
+    kv_len: Annotated[int | None, typer.Option("--kv-len", help="Decode: cached tokens T [default: --seq-len].")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats per entry (median; >= 3).")] = 7,
+    warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up seconds per entry (and >= 10 calls).")] = 0.2,
+    correct: Annotated[int, typer.Option("--correct", help="Fit a per-regime scale on N measured random configurations.")] = 0,
+    validate: Annotated[int, typer.Option("--validate", help="Measure N random configurations end to end against the table.")] = 0,
+    fit: Annotated[str, typer.Option("--fit", help="bilinear: least-squares smooth the joint table (a + b*mlp + c*heads + d*mlp*heads); none: raw entries.")] = "bilinear",
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Time every entry under CUDA graphs (GPU; use it for decode).")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure per-layer latency at every (MLP width, heads) choice on this device into ELASTIC's table."""
+    params = dict(locals())
+    from ..commands.profile import ProfileOptions
+    from ..commands.profile import profile as do_profile
+
+    o = options(ProfileOptions, params)
+    run(lambda rep: do_profile(_elastic_arg(elastic), o, rep), as_json, render.profile_result)
+
+
+@app.command("train-router")
+def train_router_cmd(
+    elastic: ElasticArg = None,
+    budgets: Annotated[str | None, typer.Option("--budgets", help="Latency targets, e.g. 30ms,40ms,60% [default: 40%,55%,70%,85%].")] = None,
+    static: Annotated[bool, typer.Option("--static/--no-static", help="Train the static (budget -> per-layer widths) router.")] = True,
+    dynamic: Annotated[bool, typer.Option("--dynamic/--no-dynamic", help="Train the input-adaptive router.")] = True,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Static router steps.")] = 600,
+    dynamic_steps: Annotated[int, typer.Option("--dynamic-steps", min=1, help="Input-adaptive router steps.")] = 200,
+    joint_steps: Annotated[int, typer.Option("--joint-steps", min=0, help="Joint LLM + static router fine-tuning steps (0 = skip).")] = 0,
+    sm_warmup: Annotated[int, typer.Option("--sm-warmup", min=8, help="Surrogate warm-up configurations.")] = 256,
+    surrogate: Annotated[bool, typer.Option("--surrogate/--no-surrogate", help="Train the static router through the surrogate model (default) or directly on the LM loss (ablation).")] = True,
+    regime: RegimeOpt = None,
+    data: Annotated[str | None, typer.Option("--data", help="Text for router training and evaluation [default: the conversion's].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 128,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train static and input-adaptive routers against the latency table, with the surrogate model."""
+    params = dict(locals())
+    from ..commands.train_router import DEFAULT_BUDGETS, RouterHyper, TrainRouterOptions, train_router
+    from ..plan.budget import parse_budgets
+
+    def work(rep: Reporter):
+        h = options(RouterHyper, params)
+        o = options(TrainRouterOptions, params, budgets=parse_budgets(budgets or DEFAULT_BUDGETS), hyper=h)
+        return train_router(_elastic_arg(elastic), o, rep)
+
+    run(work, as_json, render.train_router_result, {"static": "--static/--dynamic"})
+
+
+BudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--budget",
+        help="40ms, 0.04s, 60% (of the full latency) or 3.5B / 3500M parameters; comma-separated for several.",
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", help="JSON per-layer configuration: [{mlp, heads}, ...].")
+]
+UniformOpt = Annotated[
+    str | None, typer.Option("--uniform", help="The same fractions in every layer, e.g. mlp=0.5,heads=0.75.")
+]
+
+
+@app.command()
+def extract(
+    elastic: ElasticArg = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output directory [default: ./NAME-BUDGET]; with several budgets, the parent of one directory per budget.")] = None,
+    force: ForceOpt = False,
+    budget: BudgetOpt = None,
+    config: ConfigOpt = None,
+    uniform: UniformOpt = None,
+    regime: RegimeOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, stock (uniform only) or flex (per-layer sizes).")] = "auto",
+    max_shard_size: MaxShardOpt = "5GB",
+    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Check logits against the elastic model and measure latency [default: on when the model fits comfortably in RAM].")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: configuration, shapes, shards and output size from the headers; write nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Slice a standalone sub-model for a budget that loads with stock transformers."""
+    params = dict(locals())
+    from ..commands.extract import ExtractOptions
+    from ..commands.extract import extract as do_extract
+    from ..errors import UsageError
+    from .parse import parse_size, request
+
+    def work(rep: Reporter):
+        req = request(budget, config, uniform)
+        if req is None:
+            raise UsageError("give exactly one of --budget, --config or --uniform")
+        o = options(ExtractOptions, params, request=req, max_shard_bytes=parse_size(max_shard_size))
+        return do_extract(_elastic_arg(elastic), o, rep)
+
+    run(work, as_json, render.extract_result, {"fmt": "--format", "output": "-o/--output"})
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[Path, typer.Argument(help="A model directory (extracted, source, or elastic).")],
+    data: Annotated[str, typer.Option("--data", help="Text: file, directory, JSONL (text field) or 'stdlib' (held-out split).")] = "stdlib",
+    budget: Annotated[str | None, typer.Option("--budget", help="Elastic checkpoints: budgets to evaluate (as for extract).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Elastic checkpoints: a JSON per-layer configuration.")] = None,
+    uniform: Annotated[str | None, typer.Option("--uniform", help="Elastic checkpoints: mlp=F,heads=F.")] = None,
+    regime: Annotated[str | None, typer.Option("--regime")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1)] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 256,
+    as_json: JsonOpt = False,
+) -> None:
+    """Held-out perplexity of a model, or of an elastic checkpoint at budgets / configurations."""
+    params = dict(locals())
+    from ..commands.evaluate import EvalOptions, evaluate
+    from .parse import request
+
+    def work(rep: Reporter):
+        o = options(EvalOptions, params, request=request(budget, config, uniform))
+        return evaluate(model, o, rep)
+
+    run(work, as_json, render.eval_result, {"budget": "--budget/--config/--uniform"})
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="A source, elastic or extracted checkpoint directory.")],
+    no_data: Annotated[bool, typer.Option("--no-data", help="Skip the NaN/Inf scan (headers and metadata only).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check headers, index, shapes vs config, NaN/Inf and flexcli metadata; exit 2 listing the problems."""
+    from ..commands.validate import validate as do_validate
+
+    def work(rep: Reporter):
+        with rep.task("validating"):
+            return do_validate(path, check_data=not no_data)
+
+    if not run(work, as_json, render.validate_result).valid:
+        raise typer.Exit(EXIT_USAGE)
+
+
+# fmt: on
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        sys.exit(code)

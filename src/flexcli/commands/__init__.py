@@ -1,0 +1,1 @@
+"""Command orchestrations: one module per `flex` command; none imports another."""

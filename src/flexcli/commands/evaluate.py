@@ -1,0 +1,115 @@
+"""`flex eval`: held-out perplexity of a checkpoint, or of an elastic checkpoint at budgets/configurations."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch.spec import config_to_json
+from ..elastic.evaluate import mean_loss
+from ..errors import UsageError
+from ..io import layout
+from ..io.source import SourceModel
+from ..plan.search import Request, optional_table, param_counter, resolve_targets
+from ..progress import Reporter
+from ..router.store import load_router
+from ..train.data import STDLIB, load_sequences
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    data: str = STDLIB  # text: file, directory, JSONL, or 'stdlib' (its held-out split)
+    request: Request | None = None  # elastic checkpoints: budgets / configuration / uniform fractions
+    regime: str | None = None
+    samples: int = 64
+    seq_len: int = 256
+
+
+@dataclass
+class EvalRow:
+    name: str
+    params: int
+    predicted_latency_ms: float | None
+    loss: float
+    ppl: float
+    config: list[dict[str, int]] | None
+    method: str | None = None
+
+
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    tokens: int
+    rows: list[EvalRow] = field(default_factory=list)
+
+
+def evaluate(path: Path, options: EvalOptions, reporter: Reporter | None = None) -> EvalResult:
+    """Perplexity on `samples` sequences of `seq_len` tokens (the stdlib's held-out split for 'stdlib')."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .. import register_auto_classes
+
+    rep = reporter or Reporter()
+    o = options
+    if not Path(path).is_dir():
+        raise UsageError(f"model path {path} does not exist")
+    register_auto_classes()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    seqs = load_sequences(tok, o.data, o.samples, o.seq_len, "heldout" if o.data == STDLIB else "train")
+    res = EvalResult(str(path), o.data, int(seqs.numel()))
+    if not layout.is_elastic(path):
+        if o.request is not None:
+            raise UsageError(
+                f"{path} is not an elastic checkpoint; budgets and configurations need one", option="budget"
+            )
+        with rep.task("evaluating"):
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch.float32, local_files_only=True
+            ).eval()
+            loss = mean_loss(model, seqs)
+        res.rows.append(
+            EvalRow(
+                Path(path).name, sum(p.numel() for p in model.parameters()), None, loss, math.exp(loss), None
+            )
+        )
+        return res
+    res.rows = _elastic_rows(Path(path), o, seqs, rep)
+    return res
+
+
+def _elastic_rows(path: Path, o: EvalOptions, seqs: torch.Tensor, rep: Reporter) -> list[EvalRow]:
+    """The full model, then each requested configuration, run by the elastic runtime."""
+    from ..elastic.runtime import load_elastic
+
+    src = SourceModel.open(path)  # validates headers before loading
+    el = load_elastic(path)
+    table, targets = None, []
+    if o.request is not None:
+        table = optional_table(path, o.regime)
+        router = load_router(path, "static") if o.request.budgets else None
+        targets = resolve_targets(path, el.spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
+    count = param_counter(el.spec, src.config)
+    rows = []
+    with rep.task("evaluating", total=1 + len(targets)) as task:
+        for name, cfg, method in [("full", el.spec.full(), None)] + [
+            (t.label, t.cfg, t.method) for t in targets
+        ]:
+            with el.configured(cfg):
+                loss = mean_loss(el.model, seqs)
+            rows.append(
+                EvalRow(
+                    name,
+                    count(cfg),
+                    table.predict(cfg) if table else None,
+                    loss,
+                    math.exp(loss),
+                    config_to_json(cfg),
+                    method,
+                )
+            )
+            task.advance(1)
+    return rows

@@ -1,0 +1,245 @@
+"""`flex extract`: cut standalone sub-models out of an elastic checkpoint, streamed out-of-core.
+
+plan (budget -> configuration, plan.search) -> streaming slicer (elastic.slicing) -> the one writer
+(io.safetensors) into a temporary sibling -> verification against the elastic model -> atomic commit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..arch.spec import Config, ElasticSpec, config_to_json
+from ..elastic.slicing import planned_specs, stream_sliced
+from ..errors import RuntimeFailure, UsageError
+from ..io import layout
+from ..io.atomic import atomic_dir, check_output, copy_files
+from ..io.safetensors import ShardPlan, write_model
+from ..io.source import SourceModel
+from ..io.submodel import hf_config_for, modeling_source
+from ..latency.table import LatencyTable
+from ..plan.search import Request, Target, optional_table, param_counter, resolve_targets
+from ..progress import Reporter
+from ..router.store import load_router
+
+FORMATS = ("auto", "stock", "flex")
+
+
+@dataclass(kw_only=True)
+class ExtractOptions:
+    request: Request  # budgets, an explicit configuration, or uniform fractions
+    output: Path | None = None  # default ./NAME-BUDGET; with several budgets the parent of one dir each
+    regime: str | None = None  # latency-table regime key (or a unique part of it); None: the newest
+    fmt: str = "auto"  # auto | stock (uniform only) | flex (per-layer sizes)
+    max_shard_bytes: int = 5 * 10**9
+    verify: bool | None = None  # None: when the model fits comfortably in RAM
+    dry_run: bool = False  # plan only: shapes, shards and sizes from the headers
+    force: bool = False
+
+
+@dataclass
+class SubModel:
+    output: str
+    format: str
+    needs_remote_code: bool
+    config: list[dict[str, int]]
+    params: int
+    method: str
+    budget: str | None
+    budget_ms: float | None
+    predicted_latency_ms: float | None
+    measured_latency_ms: float | None = None
+    verified_max_rel_err: float | None = None
+    regime: str | None = None
+    planned_bytes: int | None = None  # total size of the output weight files
+    planned_files: list[str] | None = None
+
+
+@dataclass
+class ExtractResult:
+    elastic: str
+    models: list[SubModel] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = None) -> ExtractResult:
+    """Write one sub-model per requested configuration (several: one directory each inside the output)."""
+    rep = reporter or Reporter()
+    o = options
+    t0 = time.time()
+    if o.fmt not in FORMATS:
+        raise UsageError(f"format must be auto, stock or flex, got {o.fmt!r}", option="fmt")
+    spec = layout.read_spec(elastic)
+    src = SourceModel.open(elastic)
+    table = optional_table(elastic, o.regime)
+    wants_router = o.request.budgets is not None and any(b.kind != "params" for b in o.request.budgets)
+    router = load_router(elastic, "static") if wants_router else None
+    targets = resolve_targets(elastic, spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
+    outs = _outputs(elastic, o.output, targets)
+    res = ExtractResult(str(elastic))
+    if o.dry_run:  # shapes, shards and sizes from the headers alone; nothing is read or written
+        res.models = [_planned(src, spec, t, out, table, o) for t, out in zip(targets, outs)]
+    else:
+        _check_outputs(outs, many=len(targets) > 1, force=o.force)
+        verify = o.verify if o.verify is not None else _fits_in_ram(spec, src.config)
+        res.models = [
+            _write(elastic, src, spec, t, out, table, o, verify, rep) for t, out in zip(targets, outs)
+        ]
+    res.seconds = round(time.time() - t0, 3 if o.dry_run else 2)
+    return res
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", label.replace("%", "pct")) or "sub"
+
+
+def _outputs(elastic: Path, out: Path | None, targets: list[Target]) -> list[Path]:
+    many = len(targets) > 1
+    stem = elastic.resolve().name.removesuffix("-elastic")
+    base = (out or Path.cwd() / f"{stem}-{'submodels' if many else _slug(targets[0].label)}").resolve()
+    return [base / _slug(t.label) for t in targets] if many else [base]
+
+
+def _check_outputs(outs: list[Path], many: bool, force: bool) -> None:
+    """Every output checked before the first is written; with several, their parent is created."""
+    base = outs[0].parent if many else outs[0]
+    if many and base.exists() and not base.is_dir():
+        raise UsageError(f"output {base} exists and is not a directory", option="output")
+    for o in outs:
+        if o.parent.exists():
+            check_output(o, force)
+    if many:
+        base.mkdir(parents=True, exist_ok=True)
+
+
+def _fits_in_ram(spec: ElasticSpec, config: dict) -> bool:
+    """Verification loads the elastic model and the sub-model in fp32: do so below half the RAM."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return param_counter(spec, config)(spec.full()) * 4 * 3 < ram * 0.5
+
+
+def _record(t: Target, out: Path, kind: str, n_params: int, table: LatencyTable | None) -> SubModel:
+    return SubModel(
+        str(out),
+        kind,
+        kind == "flex",
+        config_to_json(t.cfg),
+        n_params,
+        t.method,
+        t.budget.text if t.budget else None,
+        t.budget_ms,
+        table.predict(t.cfg) if table is not None else None,
+        regime=table.regime.key if table else None,
+    )
+
+
+def _planned(
+    src: SourceModel, spec: ElasticSpec, t: Target, out: Path, table: LatencyTable | None, o: ExtractOptions
+) -> SubModel:
+    plan = ShardPlan.make(planned_specs(src, spec, t.cfg), o.max_shard_bytes)
+    kind = hf_config_for(src.config, spec, t.cfg, o.fmt)[1]
+    n = sum(math.prod(v["shape"]) for h in plan.headers for k, v in h.items() if k != "__metadata__")
+    sm = _record(t, out, kind, n, table)
+    sm.planned_bytes, sm.planned_files = plan.total_bytes, plan.files
+    return sm
+
+
+def _write(
+    elastic: Path,
+    src: SourceModel,
+    spec: ElasticSpec,
+    t: Target,
+    out: Path,
+    table: LatencyTable | None,
+    o: ExtractOptions,
+    verify: bool,
+    rep: Reporter,
+) -> SubModel:
+    hf_cfg, kind = hf_config_for(src.config, spec, t.cfg, o.fmt)
+    with atomic_dir(out, o.force) as tmp, rep.task(f"extracting {t.label} -> {out.name}"):
+        written = [0]  # parameters actually written
+
+        def counted(stream):
+            for name, x in stream:
+                written[0] += x.numel()
+                yield name, x
+
+        write_model(
+            tmp, planned_specs(src, spec, t.cfg), counted(stream_sliced(src, spec, t.cfg)), o.max_shard_bytes
+        )
+        layout.write_json(tmp / "config.json", hf_cfg)
+        copy_files(
+            [
+                f
+                for f in src.non_weight_files()
+                if f.name != "config.json" and not layout.is_flex_file(f.name)
+            ],
+            tmp,
+        )
+        if kind == "flex":
+            (tmp / layout.MODELING).write_text(modeling_source(src.config["model_type"]))
+        sm = _record(t, out, kind, written[0], table)
+        layout.write_json(
+            tmp / layout.EXTRACT,
+            {
+                "source": str(elastic.resolve()),
+                "format": kind,
+                "config": sm.config,
+                "method": t.method,
+                "budget": sm.budget,
+                "budget_ms": t.budget_ms,
+                "predicted_latency_ms": sm.predicted_latency_ms,
+                "regime": sm.regime,
+                "params": sm.params,
+            },
+        )
+        if verify:  # before the commit: a sub-model that fails verification is never left behind
+            sm.verified_max_rel_err, sm.measured_latency_ms = verify_submodel(
+                elastic, tmp, spec, t.cfg, table, rep
+            )
+    return sm
+
+
+def verify_submodel(
+    elastic: Path, sub: Path, spec: ElasticSpec, cfg: Config, table: LatencyTable | None, rep: Reporter
+) -> tuple[float, float | None]:
+    """Extracted model vs the elastic model at `cfg` on the same batch; then its latency in the table's
+    regime, when that regime was measured on this CPU in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from ..arch.hf_modeling import register
+    from ..device import device_name
+    from ..elastic.runtime import load_elastic
+    from ..latency.timing import Runner, TimingPolicy, time_fn
+
+    register()
+    with rep.task("verifying against the elastic model"), torch.no_grad():
+        el = load_elastic(elastic)
+        model = AutoModelForCausalLM.from_pretrained(sub, dtype=torch.float32, local_files_only=True).eval()
+        x = torch.randint(0, spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        with el.configured(cfg):
+            want = el(input_ids=x).logits
+        got = model(input_ids=x).logits
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        if err > 1e-4:
+            raise RuntimeFailure(
+                f"verification failed: the extracted model's logits differ from the elastic "
+                f"model's by {err:.2e} (nothing was written)"
+            )
+        r = table.regime if table is not None else None
+        if (
+            r is None
+            or r.device != "cpu"
+            or r.dtype != "float32"
+            or r.device_name != device_name(torch.device("cpu"))
+        ):
+            return err, None
+        runner = Runner(model, r, torch.device("cpu"))
+        with torch.inference_mode():  # as flex profile times
+            return err, time_fn(runner.model_fn(model), runner.sync, TimingPolicy()).ms

@@ -1,0 +1,152 @@
+"""The input-adaptive runtime: per-token MLP widths and per-sequence head counts, executed for real.
+
+A pre-hook on every decoder layer asks the router for that layer's choices from the hidden state
+entering it. The MLP then runs tokens sorted and grouped by width (``flexcli.kernels.grouped_linear``: one dense
+prefix GEMM per width, or one grouped Triton launch); attention runs sequences grouped by head count through
+transformers' own attention module with the matching head selection. In "soft" mode (training) the
+Gumbel-softmax probabilities are recorded and multiplied into the outputs by straight-through gating.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from flexcli.kernels import grouped_linear
+
+from ..router.models import DynamicRouter, gumbel_probs
+from .runtime import ElasticModel
+
+
+def _index_batch(v: Any, idx: torch.Tensor, batch: int) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+        return v.index_select(0, idx)
+    if isinstance(v, tuple):
+        return tuple(_index_batch(x, idx, batch) for x in v)
+    return v
+
+
+class GroupedMLP(nn.Module):
+    """Runs the wrapped SwiGLU MLP with a width per token (tokens grouped by width)."""
+
+    def __init__(self, mlp: nn.Module, choices: list[int], roles: dict[str, str]):
+        super().__init__()
+        self.inner, self.choices = mlp, choices
+        # the gate / up / down projections inside the MLP module (from the family descriptor)
+        self.proj = tuple(
+            mlp.get_submodule(roles[r]) for r in ("gate", "up", "down")
+        )  # a tuple: not re-registered
+        self.token_choice: torch.Tensor | None = None  # (B, S) choice index, None = full width
+        self.gate: torch.Tensor | None = None  # (B, S) straight-through factor (1 in value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, D)
+        if self.token_choice is None:
+            return self.inner(x)
+        flat = x.reshape(-1, x.shape[-1])  # (N, D)
+        choice = self.token_choice.reshape(-1)
+        order = torch.argsort(choice, stable=True)  # rows grouped by width
+        ks, counts = torch.unique_consecutive(choice[order], return_counts=True)
+        starts = [0] + torch.cumsum(counts, 0)[:-1].tolist()
+        widths = [self.choices[k] for k in ks.tolist()]
+        xs = flat.index_select(0, order)  # (N, D), sorted
+        gate, up, down = self.proj
+        h = self.inner.act_fn(
+            grouped_linear(xs, gate.weight, gate.bias, starts, widths, "out")
+        ) * grouped_linear(xs, up.weight, up.bias, starts, widths, "out")  # (N, max width)
+        ys = grouped_linear(h, down.weight, down.bias, starts, widths, "in")  # (N, D)
+        out = torch.empty_like(flat).index_copy(0, order, ys).view_as(x)
+        return out if self.gate is None else out * self.gate[..., None]
+
+
+class GroupedAttention(nn.Module):
+    """Runs the wrapped attention with a head count per sequence (sequences grouped by head count)."""
+
+    def __init__(self, attn: nn.Module, elastic: ElasticModel, layer: int, choices: list[int]):
+        super().__init__()
+        self.inner, self.elastic, self.layer, self.choices = attn, [elastic], layer, choices
+        self.seq_choice: torch.Tensor | None = None  # (B,) choice index
+        self.gate: torch.Tensor | None = None  # (B,)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.seq_choice is None:
+            return self.inner(hidden_states, *args, **kwargs)
+        el, b = self.elastic[0], hidden_states.shape[0]
+        out = torch.zeros_like(hidden_states)
+        for j in torch.unique(self.seq_choice).tolist():
+            idx = (self.seq_choice == j).nonzero().squeeze(1)
+            el.set_layer(self.layer, heads=self.choices[j])
+            sub_args = [_index_batch(a, idx, b) for a in args]
+            sub_kw = {k: _index_batch(v, idx, b) for k, v in kwargs.items()}
+            y = self.inner(hidden_states.index_select(0, idx), *sub_args, **sub_kw)[0]
+            out = out.index_copy(0, idx, y)
+        el.set_layer(self.layer, heads=el.config[self.layer][1])
+        if self.gate is not None:
+            out = out * self.gate[:, None, None]
+        return out, None
+
+
+class DynamicRuntime:
+    """Attach an input-adaptive router to an elastic model (detach with `close`)."""
+
+    def __init__(self, elastic: ElasticModel, router: DynamicRouter):
+        self.elastic, self.router = elastic, router
+        spec = elastic.spec
+        self.mlp_choices, self.head_choices = spec.layers[0].mlp, spec.layers[0].heads
+        arch = elastic.arch
+        mlp_name, attn_name = arch.mlp, arch.attention
+        roles = {r: path.removeprefix(mlp_name + ".") for r, path in arch.mlp_roles.items()}
+        self.budget: torch.Tensor | None = None  # (B, n_targets)
+        self.soft = False
+        self.tau = 1.0
+        self.generator: torch.Generator | None = None
+        self.records: list[
+            tuple[torch.Tensor, torch.Tensor]
+        ] = []  # soft mode: (pi_mlp (B,S,K), pi_heads (B,J))
+        self.choices: list[
+            tuple[torch.Tensor, torch.Tensor]
+        ] = []  # (token choice (B,S), sequence choice (B,))
+        self._restore, self._hooks = [], []
+        for i, layer in enumerate(elastic.layers):
+            mlp, attn = getattr(layer, mlp_name), getattr(layer, attn_name)
+            gm, ga = (
+                GroupedMLP(mlp, self.mlp_choices, roles),
+                GroupedAttention(attn, elastic, i, self.head_choices),
+            )
+            setattr(layer, mlp_name, gm)
+            setattr(layer, attn_name, ga)
+            self._restore.append((layer, mlp_name, mlp, attn_name, attn))
+            self._hooks.append(layer.register_forward_pre_hook(self._hook(i, gm, ga), with_kwargs=True))
+
+    def _hook(self, i: int, gm: GroupedMLP, ga: GroupedAttention):
+        def pre(_layer, args, kwargs):
+            if self.budget is None:
+                gm.token_choice = ga.seq_choice = gm.gate = ga.gate = None
+                return
+            x = args[0] if args else kwargs["hidden_states"]  # (B, S, D)
+            lm, lh = self.router.layer_logits(i, x.detach(), self.budget.to(x.device))
+            if self.soft:
+                pm, ph = (
+                    gumbel_probs(lm, self.tau, self.generator),
+                    gumbel_probs(lh, self.tau, self.generator),
+                )
+                km, kh = pm.argmax(-1), ph.argmax(-1)
+                self.records.append((pm, ph))
+                sel_m = pm.gather(-1, km[..., None]).squeeze(-1)
+                sel_h = ph.gather(-1, kh[..., None]).squeeze(-1)
+                gm.gate, ga.gate = (sel_m / sel_m.detach()).to(x.dtype), (sel_h / sel_h.detach()).to(x.dtype)
+            else:
+                km, kh = lm.argmax(-1), lh.argmax(-1)
+                gm.gate = ga.gate = None
+            gm.token_choice, ga.seq_choice = km, kh
+            self.choices.append((km, kh))
+
+        return pre
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        for layer, mn, mlp, an, attn in self._restore:
+            setattr(layer, mn, mlp)
+            setattr(layer, an, attn)

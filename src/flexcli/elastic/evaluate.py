@@ -1,0 +1,79 @@
+"""Held-out loss and perplexity of a (possibly elastic) causal LM, per named configuration."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..arch.spec import Config
+from .runtime import ElasticModel
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int = 8) -> float:
+    """Token-mean next-token cross-entropy over (n, seq_len) sequences."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for b in range(0, seqs.shape[0], batch_size):
+            x = seqs[b : b + batch_size].to(device)
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # (batch, seq-1, vocab)
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += loss.item()
+            count += x[:, 1:].numel()
+    finally:
+        model.train(was)
+    return total / count
+
+
+@dataclass
+class WidthRow:
+    """Held-out loss of one named configuration."""
+
+    name: str
+    mlp: list[int]
+    heads: list[int]
+    loss: float
+    ppl: float
+
+
+@dataclass
+class UniformWidth:
+    """Held-out perplexity at one uniform width (the same MLP and head fraction in every layer)."""
+
+    ratio: float
+    mlp: int
+    heads: int
+    ppl: float
+
+
+def width_report(
+    elastic: ElasticModel, seqs: torch.Tensor, configs: list[tuple[str, Config]]
+) -> list[WidthRow]:
+    """Held-out loss and perplexity of each named configuration."""
+    out = []
+    for name, cfg in configs:
+        with elastic.configured(cfg):
+            loss = mean_loss(elastic.model, seqs)
+        out.append(
+            WidthRow(name, [m for m, _ in cfg], [h for _, h in cfg], round(loss, 5), round(math.exp(loss), 4))
+        )
+    return out
+
+
+def uniform_width_report(
+    elastic: ElasticModel, seqs: torch.Tensor, ratios: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+) -> list[UniformWidth]:
+    """Held-out perplexity at uniform MLP and head fractions."""
+    cfgs = [(f"{r:.0%}", elastic.spec.uniform(r, r)) for r in ratios]
+    return [
+        UniformWidth(r, row.mlp[0], row.heads[0], row.ppl)
+        for r, row in zip(ratios, width_report(elastic, seqs, cfgs))
+    ]

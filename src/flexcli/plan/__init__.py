@@ -1,0 +1,1 @@
+"""Planning: budgets, and budget -> per-layer configuration (static router or importance search)."""

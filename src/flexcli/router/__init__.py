@@ -1,0 +1,1 @@
+"""Routers: the models (static, input-adaptive, surrogate), their training, and their files."""

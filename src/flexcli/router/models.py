@@ -1,0 +1,145 @@
+"""Routers (method.md §2.4): budget -> per-layer width choices, static or input-adaptive.
+
+Budgets are encoded as a one-hot over the trained latency targets; an unseen budget between two
+targets is their linear mix (router interpolation). Choice index 0 is the full width.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+from torch import nn
+
+from ..arch.spec import Config, ElasticSpec
+
+
+def encode_budget(budget_ms: float, targets: list[float]) -> torch.Tensor:
+    """(n_targets,) one-hot, or the linear mix of the two trained targets around `budget_ms` (clamped)."""
+    ts = sorted(targets)
+    v = torch.zeros(len(targets))
+    if budget_ms <= ts[0]:
+        v[targets.index(ts[0])] = 1.0
+    elif budget_ms >= ts[-1]:
+        v[targets.index(ts[-1])] = 1.0
+    else:
+        i = bisect.bisect_left(ts, budget_ms)
+        lo, hi = ts[i - 1], ts[i]
+        w = (budget_ms - lo) / (hi - lo)
+        v[targets.index(lo)] += 1 - w
+        v[targets.index(hi)] += w
+    return v
+
+
+def _init(m: nn.Module, std: float) -> None:
+    for p in m.parameters():
+        nn.init.normal_(p, std=std)
+
+
+def _two_layer(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    """Bias-free Linear -> LeakyReLU(0.1) -> Linear, the router block of [S2]."""
+    return nn.Sequential(
+        nn.Linear(n_in, hidden, bias=False), nn.LeakyReLU(0.1), nn.Linear(hidden, n_out, bias=False)
+    )
+
+
+class StaticRouter(nn.Module):
+    """z = W2 LeakyReLU(W1 onehot(T)) -> per-layer MLP-width and head-count logits (bias-free, [S2])."""
+
+    def __init__(
+        self,
+        n_targets: int,
+        n_layers: int,
+        n_mlp: int,
+        n_heads: int,
+        hidden: int = 128,
+        init_std: float = 0.1,
+    ):
+        super().__init__()
+        self.n_layers, self.n_mlp, self.n_heads = n_layers, n_mlp, n_heads
+        self.net = _two_layer(n_targets, hidden, n_layers * (n_mlp + n_heads))
+        _init(self, init_std)
+
+    def forward(self, budget: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """budget: (B, n_targets) -> (mlp logits (B, L, K), head logits (B, L, J))."""
+        z = self.net(budget).view(-1, self.n_layers, self.n_mlp + self.n_heads)
+        return z[..., : self.n_mlp], z[..., self.n_mlp :]
+
+
+def static_config(router: StaticRouter, spec: ElasticSpec, targets: list[float], budget_ms: float) -> Config:
+    """argmax per layer of the static router at `budget_ms` (interpolated between trained targets)."""
+    with torch.no_grad():
+        lm, lh = router(encode_budget(budget_ms, targets)[None])
+    return [
+        (spec.layers[i].mlp[k], spec.layers[i].heads[j])
+        for i, (k, j) in enumerate(zip(lm[0].argmax(-1).tolist(), lh[0].argmax(-1).tolist()))
+    ]
+
+
+class DynamicRouter(nn.Module):
+    """Input-adaptive router: per layer, a per-token MLP width from [x_t ; emb(T)] and a per-sequence
+    head count from [mean over the sequence of x_t ; emb(T)] (so the KV cache stays consistent)."""
+
+    def __init__(
+        self,
+        n_targets: int,
+        n_layers: int,
+        hidden_size: int,
+        n_mlp: int,
+        n_heads: int,  # noqa: PLR0913
+        emb: int = 16,
+        hidden: int = 64,
+        init_std: float = 0.1,
+    ):
+        super().__init__()
+        self.emb = nn.Linear(n_targets, emb, bias=False)
+        self.mlp = nn.ModuleList(_two_layer(hidden_size + emb, hidden, n_mlp) for _ in range(n_layers))
+        self.att = nn.ModuleList(_two_layer(hidden_size + emb, hidden, n_heads) for _ in range(n_layers))
+        _init(self, init_std)
+
+    def layer_logits(
+        self, layer: int, x: torch.Tensor, budget: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, S, D) hidden state entering `layer`; budget: (B, n_targets).
+
+        Returns (per-token MLP logits (B, S, K), per-sequence head logits (B, J)).
+        """
+        e = self.emb(budget)  # (B, E)
+        x = x.float()
+        tok = torch.cat([x, e[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
+        seq = torch.cat([x.mean(dim=1), e], dim=-1)
+        return self.mlp[layer](tok), self.att[layer](seq)
+
+
+class Surrogate(nn.Module):
+    """SM: predicts the LM loss from the concatenated per-layer choice probabilities (2 x 256, ReLU)."""
+
+    def __init__(self, n_in: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return self.net(probs).squeeze(-1)
+
+
+def gumbel_probs(logits: torch.Tensor, tau: float, g: torch.Generator | None = None) -> torch.Tensor:
+    """Gumbel-softmax probabilities over the last dim."""
+    u = torch.rand(logits.shape, generator=g).clamp_(1e-9, 1 - 1e-9).to(logits.device)
+    return torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+
+
+def latency_loss(
+    expected_ms: torch.Tensor, budget_ms: torch.Tensor, dead_zone: float, over_weight: float = 4.0
+) -> torch.Tensor:
+    """|E[lat]/T - 1| outside a dead zone (method.md §2.6), placed just under the budget and weighted
+    `over_weight` times when over it.
+
+    The symmetric form settles wherever the surrogate's pull toward larger widths balances the penalty,
+    which on the demo model was 6% over budget; weighting the over-budget side keeps routers under it.
+    """
+    r = expected_ms / budget_ms - 1  # the dead zone lies just under the budget: [-2 * dead_zone, 0]
+    return torch.where(
+        r > 0, over_weight * r, torch.where(r < -2 * dead_zone, -r - 2 * dead_zone, torch.zeros_like(r))
+    )

@@ -1,0 +1,361 @@
+"""Router training against the latency table through the surrogate model (method.md §2.4-2.7).
+
+Static stage: the SM learns LM loss from per-layer choice probabilities (warm-up on sampled
+configurations, then on the router's own choices); the router is updated through the SM only while
+the SM's relative error on the current choice is under `eps`: L_R = SM(pi) + lam * latency_loss.
+Input-adaptive stage: the same, with per-token / per-sequence probabilities averaged per layer.
+Joint stage (optional): LLM and static router fine-tuned together with straight-through gating.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch.spec import ElasticSpec
+from ..elastic.adaptive import DynamicRuntime
+from ..elastic.runtime import ElasticModel
+from ..latency.table import LatencyTable
+from ..progress import Reporter
+from ..recipe import P_FULL
+from ..train.loop import sample_batch
+from .models import DynamicRouter, StaticRouter, encode_budget, gumbel_probs, latency_loss
+from .surrogate import SMState
+
+
+@dataclass(kw_only=True)
+class RouterHyper:
+    """Router training settings; the defaults are flexcli's (method.md §2.4-2.6)."""
+
+    steps: int = 600  # static router steps
+    dynamic_steps: int = 200
+    joint_steps: int = 0
+    sm_warmup: int = 256  # (configuration, loss) pairs before the first router step
+    sm_heldout: int = 48  # configurations kept aside for the SM's Spearman
+    lr: float = 1e-2  # router
+    sm_lr: float = 1e-3
+    joint_lr: float = 1e-4  # LLM weights in the joint stage
+    lam: float = 5.0  # latency-loss weight (method: 1.0 [S1]; 5 makes budgets binding at our loss scale)
+    eps: float = 0.05  # SM relative-error threshold
+    dead_zone: float = 0.015  # the zero-loss band is [-2 * dead_zone, 0] relative to the budget
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    hidden: int = 128
+    batch_size: int = 4
+    seq_len: int = 128
+    loss_batches: int = 2  # fixed batches that define a configuration's "true" loss
+    p_full: float = P_FULL  # joint stage
+    surrogate: bool = True  # False: the static router learns from the LM loss itself (ablation, no SM)
+    seed: int = 0
+
+
+def tau_at(step: int, total: int, h: RouterHyper) -> float:
+    return h.tau_start * (h.tau_end / h.tau_start) ** (step / max(1, total - 1))
+
+
+def sm_gated_step(
+    sm: SMState,
+    feat: torch.Tensor,
+    l_true: float,
+    pm: list[torch.Tensor],
+    ph: list[torch.Tensor],
+    table: LatencyTable,
+    target_ms: float,
+    opt: torch.optim.Optimizer,
+    h: RouterHyper,
+    g: torch.Generator,
+) -> float:
+    """One surrogate step on (feat, l_true); then, only if the SM's relative error on this choice is under
+    eps, one router step on SM(feat) + lam * latency_loss(E[lat]). Returns the SM's relative error."""
+    sm.xs.append(feat.detach())
+    sm.ys.append(l_true)
+    sm.fit(2, g)
+    pred = sm.sm(feat[None])[0]
+    err = abs(pred.item() - l_true) / l_true
+    if err < h.eps:
+        loss = pred + h.lam * latency_loss(table.expected(pm, ph), torch.tensor(target_ms), h.dead_zone)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return err
+
+
+def _new_static_router(spec: ElasticSpec, targets: list[float], h: RouterHyper):
+    """(seeded static router, its Adam optimizer, the Gumbel generator): the same start for every stage."""
+    L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
+    torch.manual_seed(h.seed)
+    router = StaticRouter(len(targets), L, K, J, h.hidden)
+    return router, torch.optim.Adam(router.parameters(), lr=h.lr), torch.Generator().manual_seed(h.seed + 7)
+
+
+def _route(
+    router: StaticRouter, t: int, n_targets: int, scale: float, tau: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gumbel-softmax choice probabilities ((L, K) MLP, (L, J) heads) of the static router at target t."""
+    lm, lh = router(torch.eye(n_targets)[t][None])
+    return gumbel_probs(lm[0] * scale, tau, g), gumbel_probs(lh[0] * scale, tau, g)
+
+
+def _latency_term(
+    table: LatencyTable, pm: torch.Tensor, ph: torch.Tensor, target_ms: float, h: RouterHyper
+) -> torch.Tensor:
+    return latency_loss(table.expected(list(pm), list(ph)), torch.tensor(target_ms), h.dead_zone)
+
+
+def train_static(
+    spec, table: LatencyTable, targets: list[float], oracle, sm: SMState, h: RouterHyper, rep: Reporter
+) -> tuple[StaticRouter, dict[str, Any]]:
+    """Train the static router through the SM (oracle(cfg) -> true loss); returns it and statistics."""
+    router, opt, g = _new_static_router(spec, targets, h)
+    updates, errs = 0, []
+    with rep.task("static router (through the surrogate)", total=h.steps) as task:
+        for step in range(h.steps):
+            t = step % len(targets)
+            scale = 1 + 9 * step / max(1, h.steps - 1)  # logits scale 1 -> 10 [S2]
+            pm, ph = _route(router, t, len(targets), scale, tau_at(step, h.steps, h), g)
+            cfg = [
+                (spec.layers[i].mlp[k], spec.layers[i].heads[j])
+                for i, (k, j) in enumerate(zip(pm.argmax(-1).tolist(), ph.argmax(-1).tolist()))
+            ]
+            feat = torch.cat([pm, ph], dim=-1).flatten()
+            err = sm_gated_step(sm, feat, oracle(cfg), list(pm), list(ph), table, targets[t], opt, h, g)
+            errs.append(err)
+            updates += err < h.eps
+            task.advance(1, updates=updates)
+    return router, {
+        "router_updates": int(updates),
+        "steps": h.steps,
+        "mean_sm_rel_err": sum(errs) / len(errs),
+    }
+
+
+def train_dynamic(
+    elastic: ElasticModel,
+    table: LatencyTable,
+    targets: list[float],
+    tokens: torch.Tensor,
+    sm: SMState,
+    h: RouterHyper,
+    rep: Reporter,
+) -> tuple[DynamicRouter, dict[str, Any]]:
+    """Train the input-adaptive router through the same SM (probabilities averaged over tokens)."""
+    spec = elastic.spec
+    L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
+    torch.manual_seed(h.seed + 1)
+    router = DynamicRouter(len(targets), L, spec.dims.hidden_size, K, J)
+    opt = torch.optim.Adam(router.parameters(), lr=h.lr)
+    g = torch.Generator().manual_seed(h.seed + 11)
+    rt = DynamicRuntime(elastic, router)
+    rt.soft, rt.generator = True, g
+    model = elastic.model
+    model.requires_grad_(False)
+    updates, errs = 0, []
+    try:
+        with rep.task("input-adaptive router (through the surrogate)", total=h.dynamic_steps) as task:
+            for step in range(h.dynamic_steps):
+                t = step % len(targets)
+                x = sample_batch(tokens, h.batch_size, h.seq_len, g)
+                rt.budget = torch.eye(len(targets))[t][None].expand(x.shape[0], -1)
+                rt.tau = tau_at(step, h.dynamic_steps, h)
+                rt.records, rt.choices = [], []
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+                l_true = nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
+                ).item()
+                pm = [r[0].mean(dim=(0, 1)) for r in rt.records]  # (K,) per layer
+                ph = [r[1].mean(dim=0) for r in rt.records]  # (J,) per layer
+                feat = torch.cat([torch.stack(pm), torch.stack(ph)], dim=-1).flatten()
+                err = sm_gated_step(sm, feat, l_true, pm, ph, table, targets[t], opt, h, g)
+                errs.append(err)
+                updates += err < h.eps
+                task.advance(1, updates=updates)
+    finally:
+        rt.close()
+        model.requires_grad_(True)
+    return router, {
+        "router_updates": int(updates),
+        "steps": h.dynamic_steps,
+        "mean_sm_rel_err": sum(errs) / len(errs),
+    }
+
+
+@torch.no_grad()
+def eval_dynamic(
+    elastic: ElasticModel,
+    router: DynamicRouter,
+    table: LatencyTable,
+    targets: list[float],
+    budget_ms: float,
+    seqs: torch.Tensor,
+    batch: int = 8,
+) -> tuple[float, float]:
+    """(held-out mean loss, mean predicted latency) of input-adaptive routing at `budget_ms`.
+
+    Latency per sequence = fixed + sum over layers of the mean over its tokens of entry[mlp_t][heads_seq].
+    """
+    rt = DynamicRuntime(elastic, router)
+    total, count, lat = 0.0, 0, []
+    try:
+        for b in range(0, seqs.shape[0], batch):
+            x = seqs[b : b + batch]
+            rt.budget = encode_budget(budget_ms, targets)[None].expand(x.shape[0], -1)
+            rt.choices = []
+            logits = elastic.model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            total += nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+            ).item()
+            count += x[:, 1:].numel()
+            for s in range(x.shape[0]):
+                ms = table.fixed_ms
+                for i, (km, kh) in enumerate(rt.choices):
+                    ms += sum(table.ms[i][k][int(kh[s])] for k in km[s].tolist()) / km.shape[1]
+                lat.append(ms * table.scale)
+    finally:
+        rt.close()
+    return total / count, sum(lat) / len(lat)
+
+
+@contextmanager
+def gated_outputs(elastic: ElasticModel) -> Iterator[list[list[torch.Tensor | None]]]:
+    """Forward hooks that multiply each layer's MLP and attention outputs by gates[i][0] / gates[i][1]
+    (None = ungated) while the context is open."""
+    mlp_name, attn_name = elastic.arch.mlp, elastic.arch.attention
+    gates: list[list[torch.Tensor | None]] = [[None, None] for _ in elastic.layers]
+
+    def gate_hook(i: int, which: int):
+        def hook(_m, _inp, out):
+            g = gates[i][which]
+            if g is None:
+                return out
+            return (out[0] * g, *out[1:]) if isinstance(out, tuple) else out * g
+
+        return hook
+
+    hooks = [
+        getattr(layer, name).register_forward_hook(gate_hook(i, w))
+        for i, layer in enumerate(elastic.layers)
+        for w, name in ((0, mlp_name), (1, attn_name))
+    ]
+    try:
+        yield gates
+    finally:
+        for hk in hooks:
+            hk.remove()
+        elastic.set_config(None)
+
+
+def route_straight_through(elastic: ElasticModel, gates: list, pm: torch.Tensor, ph: torch.Tensor) -> None:
+    """Set the argmax configuration of (L, K) / (L, J) probabilities; gates are 1 in value and carry the
+    gradient of the chosen probabilities (straight-through)."""
+    spec = elastic.spec
+    km, kh = pm.argmax(-1), ph.argmax(-1)
+    elastic.set_config(
+        [
+            (spec.layers[i].mlp[k], spec.layers[i].heads[j])
+            for i, (k, j) in enumerate(zip(km.tolist(), kh.tolist()))
+        ]
+    )
+    for i in range(len(gates)):
+        sm_, sh_ = pm[i, km[i]], ph[i, kh[i]]
+        gates[i][0], gates[i][1] = sm_ / sm_.detach(), sh_ / sh_.detach()
+
+
+def _ce(model, x: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def train_static_direct(
+    elastic: ElasticModel,
+    table: LatencyTable,
+    targets: list[float],
+    tokens: torch.Tensor,
+    h: RouterHyper,
+    rep: Reporter,
+) -> tuple[StaticRouter, dict[str, Any]]:
+    """The static router trained without the surrogate (ablation): the LM loss of the frozen LLM at the
+    router's straight-through argmax configuration on a fresh batch, plus lam * latency_loss, backpropagated
+    into the router every step. Same schedules, sizes and seed as `train_static`."""
+    model = elastic.model
+    router, opt, g = _new_static_router(elastic.spec, targets, h)
+    model.requires_grad_(False)
+    losses = []
+    try:
+        with (
+            gated_outputs(elastic) as gates,
+            rep.task("static router (direct LM loss)", total=h.steps) as task,
+        ):
+            for step in range(h.steps):
+                t = step % len(targets)
+                scale = 1 + 9 * step / max(1, h.steps - 1)
+                pm, ph = _route(router, t, len(targets), scale, tau_at(step, h.steps, h), g)
+                route_straight_through(elastic, gates, pm, ph)
+                ce = _ce(model, sample_batch(tokens, h.batch_size, h.seq_len, g))
+                loss = ce + h.lam * _latency_term(table, pm, ph, targets[t], h)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(ce.item())
+                task.advance(1, loss=f"{ce.item():.3f}")
+    finally:
+        model.requires_grad_(True)
+    return router, {
+        "steps": h.steps,
+        "surrogate": False,
+        "final_ce": sum(losses[-20:]) / max(1, len(losses[-20:])),
+    }
+
+
+def train_joint(
+    elastic: ElasticModel,
+    router: StaticRouter,
+    table: LatencyTable,
+    targets: list[float],
+    tokens: torch.Tensor,
+    h: RouterHyper,
+    rep: Reporter,
+) -> dict[str, Any]:
+    """Fine-tune LLM and static router together: CE at the router's argmax configuration, outputs gated
+    by the chosen probabilities (straight-through), plus the latency loss; full model with p_full."""
+    model = elastic.model
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.parameters(), "lr": h.joint_lr, "weight_decay": 0.0},
+            {"params": router.parameters(), "lr": h.lr},
+        ]
+    )
+    g = torch.Generator().manual_seed(h.seed + 13)
+    rng = random.Random(h.seed + 13)
+    model.train()
+    losses = []
+    try:
+        with gated_outputs(elastic) as gates, rep.task("joint fine-tuning", total=h.joint_steps) as task:
+            for step in range(h.joint_steps):
+                x = sample_batch(tokens, h.batch_size, h.seq_len, g)
+                if rng.random() < h.p_full:
+                    elastic.set_config(None)
+                    for gg in gates:
+                        gg[0] = gg[1] = None
+                    lat_loss = torch.tensor(0.0)
+                else:
+                    t = step % len(targets)
+                    pm, ph = _route(router, t, len(targets), 10.0, h.tau_end, g)
+                    route_straight_through(elastic, gates, pm, ph)
+                    lat_loss = _latency_term(table, pm, ph, targets[t], h)
+                ce = _ce(model, x)
+                loss = ce + h.lam * lat_loss
+                opt.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(ce.item())
+                task.advance(1, loss=f"{ce.item():.3f}")
+    finally:
+        model.eval()
+    return {"steps": h.joint_steps, "final_ce": sum(losses[-10:]) / max(1, len(losses[-10:]))}

@@ -1,0 +1,153 @@
+"""Text corpora for calibration and training: files, directories, JSONL, and the built-in stdlib corpus.
+
+Two built-in corpora are present on every machine with Python:
+
+- ``stdlib``: the Python standard library's own source tree (code), without ``pydoc_data/``. Files are
+  split deterministically into train / held-out by a hash of their relative path, so every machine
+  sees the same split.
+- ``pydoc``: English prose, the language-reference topics CPython ships for ``help()``
+  (``Lib/pydoc_data/topics.py``), one document per topic. It is a second, different-domain corpus for
+  evaluation; it has no split (every topic is in both), and it is not part of ``stdlib``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+
+STDLIB = "stdlib"
+PYDOC = "pydoc"
+BUILTIN = (STDLIB, PYDOC)
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".csv", ".tex", ".html", ".c", ".h", ""}
+
+
+def stdlib_files(split: str = "train", heldout_pct: int = 5) -> list[Path]:
+    """The stdlib's .py files (no site-packages), `split` 'train' or 'heldout', in a fixed pseudo-random
+    order (by a hash of the relative path), so that any prefix of the stream is a sample of the whole
+    library rather than its alphabetically first packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    keyed = []
+    for p in root.rglob("*.py"):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/", "pydoc_data/")) or "/site-packages/" in rel:
+            continue
+        h = hashlib.sha256(rel.encode()).hexdigest()
+        if (int(h[:8], 16) % 100 < heldout_pct) == (split == "heldout"):
+            keyed.append((h[8:], p))
+    return [p for _, p in sorted(keyed)]
+
+
+def _read_text_file(p: Path) -> str:
+    raw = p.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise UsageError(f"{p}: binary file, expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{p}: not UTF-8 text") from None
+
+
+def _read_jsonl(p: Path) -> Iterator[str]:
+    for n, line in enumerate(_read_text_file(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{p}:{n}: each JSONL line needs a string field 'text'") from None
+        if not isinstance(text, str):
+            raise UsageError(f"{p}:{n}: field 'text' is not a string")
+        yield text
+
+
+def pydoc_topics() -> list[str]:
+    """The prose of CPython's help() topics, sorted by topic name."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise UsageError("corpus 'pydoc' needs pydoc_data, which this Python installation lacks") from None
+    return [topics[k] for k in sorted(topics)]
+
+
+def iter_documents(source: str | Path, split: str = "train") -> Iterator[str]:
+    """Yield documents from a text file, a JSONL file (`text` field), a directory, 'stdlib' or 'pydoc'."""
+    if str(source) == PYDOC:
+        yield from pydoc_topics()
+        return
+    if str(source) == STDLIB:
+        for p in stdlib_files(split):
+            try:
+                yield p.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+        return
+    p = Path(source)
+    if not p.exists():
+        raise UsageError(f"text data {p} does not exist")
+    files = (
+        [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    )
+    if not files:
+        raise UsageError(f"{p}: no text files found")
+    for f in files:
+        yield from (_read_jsonl(f) if f.suffix == ".jsonl" else [_read_text_file(f)])
+
+
+def token_stream(tokenizer, source: str | Path, max_tokens: int, split: str = "train") -> torch.Tensor:
+    """Tokenize documents (EOS between them) until `max_tokens`; returns a 1-D LongTensor."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in iter_documents(source, split):
+        if not doc.strip():
+            continue
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= max_tokens:
+            break
+    if not ids:
+        raise UsageError(f"text data {source} is empty")
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def pack(tokens: torch.Tensor, seq_len: int, n: int | None = None, source: str | Path = "") -> torch.Tensor:
+    """Cut a token stream into (n, seq_len) sequences; error if shorter than one sequence."""
+    total = tokens.numel() // seq_len
+    if total == 0:
+        raise UsageError(
+            f"text data {source} has {tokens.numel()} tokens, shorter than one sequence of {seq_len}; "
+            "pass more text or a smaller --seq-len"
+        )
+    total = total if n is None else min(n, total)
+    return tokens[: total * seq_len].view(total, seq_len)
+
+
+def load_sequences(tokenizer, source: str | Path, n: int, seq_len: int, split: str = "train") -> torch.Tensor:
+    """(n, seq_len) packed sequences from `source` (fewer if the text runs out)."""
+    return pack(token_stream(tokenizer, source, n * seq_len, split), seq_len, n, source)
+
+
+def train_and_heldout(
+    tokenizer, source: str | Path, max_tokens: int, heldout_seqs: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1-D training token stream, (n, seq_len) held-out sequences).
+
+    For 'stdlib' the held-out text is the held-out file split; for anything else it is the last 5% of
+    the tokens read (the training stream never contains it).
+    """
+    if str(source) == STDLIB:
+        return (
+            token_stream(tokenizer, source, max_tokens, "train"),
+            load_sequences(tokenizer, source, heldout_seqs, seq_len, "heldout"),
+        )
+    stream = token_stream(tokenizer, source, max_tokens + heldout_seqs * seq_len)
+    cut = max(seq_len + 1, int(stream.numel() * 0.95))
+    return stream[:cut], pack(stream[cut:], seq_len, heldout_seqs, f"{source} (held-out last 5%)")

@@ -1,0 +1,201 @@
+"""Elastic continued training (method.md §2.3): train the permuted model so every nested width works.
+
+Per micro-batch: the full model with probability p_full, otherwise a sub-network drawn from the
+elastic spec (per-layer random choices, one uniform width, or either), or with `sandwich` the full,
+the smallest and one random sub-network together. Loss: LM cross-entropy, optionally mixed with
+KL(frozen original || sub-network) at a temperature.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch.spec import Config, ElasticSpec
+from ..elastic.evaluate import WidthRow, width_report
+from ..elastic.runtime import ElasticModel
+from ..errors import UsageError
+from ..recipe import Recipe, TrainSection
+from . import distributed as D
+from .checkpoints import Checkpoints
+from .data import train_and_heldout
+from .loop import LoopState, TrainConfig, train_lm
+
+
+def random_config(spec: ElasticSpec, sampling: str, g: torch.Generator) -> Config:
+    """A sub-network drawn with the torch generator `g`; "mixed" picks uniform or layerwise by a coin."""
+
+    def draw(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=g).item())
+
+    if sampling == "mixed":
+        sampling = "uniform" if draw(2) else "layerwise"
+    return spec.sample(draw, sampling)
+
+
+def sample_configs(spec: ElasticSpec, tc: TrainSection, g: torch.Generator) -> list[Config | None]:
+    """The sub-networks one micro-batch trains (None = the full model)."""
+    if tc.sandwich:
+        return [None, spec.smallest(), random_config(spec, tc.sampling, g)]
+    if torch.rand((), generator=g).item() < tc.p_full:
+        return [None]
+    return [random_config(spec, tc.sampling, g)]
+
+
+def make_step_loss(elastic: ElasticModel, forward: nn.Module, teacher: nn.Module | None, tc: TrainSection):
+    """step_loss(x, g) for train_lm: sample sub-networks, average their (CE + KD) losses.
+
+    `forward` is the module to call (the FSDP-wrapped model under torchrun, else elastic.model).
+    """
+    temp = tc.temperature
+
+    def step_loss(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:  # x: (batch, seq)
+        cfgs = sample_configs(elastic.spec, tc, g)
+        t_logp = None
+        if teacher is not None and tc.distill > 0:
+            with torch.no_grad():
+                t_logp = torch.log_softmax(
+                    teacher(input_ids=x, use_cache=False).logits[:, :-1].float() / temp, -1
+                )
+        total = 0.0
+        for cfg in cfgs:
+            elastic.set_config(cfg)
+            logits = forward(input_ids=x, use_cache=False).logits[:, :-1].float()  # (batch, seq-1, vocab)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            if t_logp is not None:
+                s_logp = torch.log_softmax(logits / temp, -1)
+                kd = (
+                    nn.functional.kl_div(
+                        s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
+                    )
+                    * temp**2
+                )
+                loss = (1 - tc.distill) * loss + tc.distill * kd
+            total = total + loss
+        elastic.set_config(None)
+        return total / len(cfgs)
+
+    return step_loss
+
+
+def report_configs(
+    spec: ElasticSpec, mlp_ratios: list[float], n_random: int, seed: int
+) -> list[tuple[str, Config]]:
+    """Full model, every uniform width of the recipe, and a few seeded random per-layer configurations."""
+    rows: list[tuple[str, Config]] = [("full", spec.full())]
+    seen = {tuple(spec.full())}
+    for r in sorted(mlp_ratios, reverse=True):
+        cfg = spec.uniform(r, r)
+        if tuple(cfg) not in seen:
+            seen.add(tuple(cfg))
+            rows.append((f"uniform {r:.0%}", cfg))
+    rng = random.Random(seed)
+    for k in range(n_random):
+        rows.append((f"random #{k + 1}", spec.sample(rng.randrange)))
+    return rows
+
+
+@dataclass
+class TrainReport:
+    steps: int
+    tokens: int
+    tokens_per_s: float
+    seconds: float
+    final_train_loss: float
+    resumed_from: int | None
+    world_size: int = 1
+    loss_curve: list[float] = field(default_factory=list)  # training loss per optimizer step
+    before: list[WidthRow] = field(default_factory=list)  # prune-only (permuted, untrained)
+    after: list[WidthRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def training_data(recipe: Recipe, tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training token stream, held-out sequences); a one-line error if not even one batch fits."""
+    tc = recipe.train
+    cfg = TrainConfig.from_section(tc, recipe.seed)
+    need = cfg.tokens
+    tokens, heldout = train_and_heldout(
+        tok, tc.data or recipe.calibration.data, min(need, 50_000_000), tc.val_samples, tc.seq_len
+    )
+    if tokens.numel() < cfg.batch_size * cfg.seq_len + 1:
+        raise UsageError(
+            f"training text has {tokens.numel()} tokens, fewer than one batch of "
+            f"{cfg.batch_size} x {cfg.seq_len}; give more training text or a smaller batch size or sequence length"
+        )
+    return tokens, heldout
+
+
+def run_train_stage(
+    hf: nn.Module,
+    elastic: ElasticModel,
+    recipe: Recipe,
+    data: tuple[torch.Tensor, torch.Tensor],
+    ckpts: Checkpoints,
+    resume_from,
+    reporter,
+) -> tuple[nn.Module | None, TrainReport | None]:
+    """Elastic continued training of the permuted model `hf` in place (or under FSDP2 with torchrun).
+
+    Returns the trained model (a plain, unsharded module on the rank that writes the output) and the
+    report; (None, None) on the other ranks.
+    """
+    tc = recipe.train
+    cfg = TrainConfig.from_section(tc, recipe.seed)
+    tokens, heldout = data
+    configs = report_configs(elastic.spec, recipe.elastic.mlp_ratios, tc.val_random_configs, recipe.seed)
+    with reporter.task("held-out loss before training (prune-only)"):
+        before = width_report(elastic, heldout, configs)
+    teacher = copy.deepcopy(hf).eval().requires_grad_(False) if tc.distill > 0 else None
+
+    state: LoopState | None = None
+    if resume_from is not None:
+        model_state, state = ckpts.load(resume_from)
+        if model_state is not None:
+            hf.load_state_dict(model_state, strict=False)
+        reporter.info(f"resuming from {resume_from.name} (step {state.step} of {cfg.steps})")
+    rank, world = D.rank_world()
+    if world > 1:
+        D.shard(hf, elastic.arch)
+
+    def on_step(step: int, opt, g, losses) -> None:
+        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < cfg.steps:
+            loop = LoopState(step, {} if world > 1 else opt.state_dict(), g.get_state(), list(losses))
+            model_state = None if world > 1 else hf.state_dict()
+            dcp_state = D.dcp_state(hf, opt) if world > 1 else None
+            ckpts.save(step, model_state, loop, tc.keep_checkpoints, dcp_state=dcp_state, write=rank == 0)
+            D.barrier()
+            if os.environ.get("FLEX_FAULT_AFTER_CHECKPOINT") == str(step):  # crash tests: die like kill -9
+                os._exit(137)
+
+    step_loss = make_step_loss(elastic, hf, teacher, tc)
+    if world > 1 and resume_from is not None:
+        state = D.with_sharded_optimizer_state(hf, cfg, state, resume_from / "dcp")
+    res = train_lm(hf, tokens, cfg, reporter, step_loss, state, on_step)
+    if world > 1:
+        hf = D.gather_full_model(hf)  # plain module on rank 0, None elsewhere
+        if hf is None:
+            return None, None
+        elastic = ElasticModel(hf, elastic.arch, elastic.spec)
+    with reporter.task("held-out loss after training"):
+        after = width_report(elastic, heldout, configs)
+    return hf, TrainReport(
+        cfg.steps,
+        cfg.tokens,
+        res.tokens_per_s,
+        res.seconds,
+        round(res.final_loss, 5),
+        state.step if state else None,
+        world,
+        [round(x, 6) for x in res.losses],
+        before,
+        after,
+    )
