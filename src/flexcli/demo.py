@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from flexcli.io.layout import PRETRAIN
+
 
 def flex(*args: str, cwd: Path) -> dict:
     cmd = [sys.executable, "-m", "flexcli", *args, "--json"]
@@ -29,8 +31,6 @@ def flex(*args: str, cwd: Path) -> dict:
 def pretrain_base(d: Path, size: str, steps: int) -> dict:
     """The base model: pretrained here, or reused from an earlier run."""
     base = d / "base"
-    from flexcli.io.layout import PRETRAIN
-
     if (base / PRETRAIN).exists():
         print(f"reusing base model {base} (make demo-clean to retrain)", file=sys.stderr)
         info = json.loads((base / PRETRAIN).read_text())

@@ -204,22 +204,22 @@ def profile_result(r) -> None:
     if r.validation:
         v = r.validation
         table(
-            f"validation: {v['n']} random per-layer configurations, predicted vs measured",
+            f"validation: {v.n} random per-layer configurations, predicted vs measured",
             ["within ±10%", "within ±5%", "p90 |err|", "mean signed err", "max |err|"],
             [
                 [
-                    f"{v['within_10pct']:.0%}",
-                    f"{v['within_5pct']:.0%}",
-                    f"{v['p90_abs_err']:.1%}",
-                    f"{v['mean_signed_err']:+.1%}",
-                    f"{v['max_abs_err']:.1%}",
+                    f"{v.within_10pct:.0%}",
+                    f"{v.within_5pct:.0%}",
+                    f"{v.p90_abs_err:.1%}",
+                    f"{v.mean_signed_err:+.1%}",
+                    f"{v.max_abs_err:.1%}",
                 ]
             ],
         )
-        dn = v["drift_normalized"]
+        dn = v.drift_normalized
         typer.echo(
-            f"machine drift during validation {v['reference_drift']:.1%} (full model re-timed before each); "
-            f"drift-normalized: {dn['within_10pct']:.0%} within ±10%, p90 |err| {dn['p90_abs_err']:.1%}"
+            f"machine drift during validation {v.reference_drift:.1%} (full model re-timed before each); "
+            f"drift-normalized: {dn.within_10pct:.0%} within ±10%, p90 |err| {dn.p90_abs_err:.1%}"
         )
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from .. import register_auto_classes
 from ..arch.spec import config_to_json
 from ..elastic.evaluate import mean_loss
+from ..elastic.runtime import load_elastic
 from ..errors import UsageError
 from ..io import layout
 from ..io.source import SourceModel
@@ -51,8 +53,6 @@ def evaluate(path: Path, options: EvalOptions, reporter: Reporter | None = None)
     """Perplexity on `samples` sequences of `seq_len` tokens (the stdlib's held-out split for 'stdlib')."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .. import register_auto_classes
-
     rep = reporter or Reporter()
     o = options
     if not Path(path).is_dir():
@@ -83,8 +83,6 @@ def evaluate(path: Path, options: EvalOptions, reporter: Reporter | None = None)
 
 def _elastic_rows(path: Path, o: EvalOptions, seqs: torch.Tensor, rep: Reporter) -> list[EvalRow]:
     """The full model, then each requested configuration, run by the elastic runtime."""
-    from ..elastic.runtime import load_elastic
-
     src = SourceModel.open(path)  # validates headers before loading
     el = load_elastic(path)
     table, targets = None, []

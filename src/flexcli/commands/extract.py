@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ..arch.spec import Config, ElasticSpec, config_to_json
+from ..device import device_name
+from ..elastic.runtime import load_elastic
 from ..elastic.slicing import planned_specs, stream_sliced
 from ..errors import RuntimeFailure, UsageError
 from ..io import layout
@@ -24,6 +26,7 @@ from ..io.safetensors import ShardPlan, write_model
 from ..io.source import SourceModel
 from ..io.submodel import hf_config_for, modeling_source
 from ..latency.table import LatencyTable
+from ..latency.timing import Runner, TimingPolicy, time_fn
 from ..plan.search import Request, Target, optional_table, param_counter, resolve_targets
 from ..progress import Reporter
 from ..router.store import load_router
@@ -213,10 +216,7 @@ def verify_submodel(
     regime, when that regime was measured on this CPU in fp32."""
     from transformers import AutoModelForCausalLM
 
-    from ..arch.hf_modeling import register
-    from ..device import device_name
-    from ..elastic.runtime import load_elastic
-    from ..latency.timing import Runner, TimingPolicy, time_fn
+    from ..arch.hf_modeling import register  # imports transformers: only when verifying
 
     register()
     with rep.task("verifying against the elastic model"), torch.no_grad():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,6 +23,25 @@ __all__ = ["ProfileOptions", "ProfileResult", "profile"]
 
 
 @dataclass
+class ValidationStats:
+    """Predicted vs measured end to end over random per-layer configurations (errors: pred/measured - 1)."""
+
+    n: int
+    within_10pct: float
+    within_5pct: float
+    p90_abs_err: float
+    mean_signed_err: float
+    max_abs_err: float
+
+
+@dataclass
+class Validation(ValidationStats):
+    regime: str
+    reference_drift: float  # max/min - 1 of the full model re-timed before each configuration
+    drift_normalized: ValidationStats  # the same errors at the machine's speed when the table was made
+
+
+@dataclass
 class ProfileResult:
     elastic: str
     regime: str
@@ -35,7 +53,7 @@ class ProfileResult:
     scale: float
     seconds: float
     table: list[TableEntry] = field(default_factory=list)  # uniform entries, layer 0
-    validation: dict[str, Any] | None = None  # validation statistics (flex_latency.json's, without configs)
+    validation: Validation | None = None  # flex_latency.json's validation, without the configurations
 
 
 def profile(elastic: Path, options: ProfileOptions, reporter: Reporter | None = None) -> ProfileResult:
@@ -50,7 +68,10 @@ def profile(elastic: Path, options: ProfileOptions, reporter: Reporter | None = 
         if options.validate:
             validate_table(sess, table, options.validate, rep)
     save_table(elastic, table)
-    val = {k: v for k, v in table.validation.items() if k != "configs"} if table.validation else None
+    val = None
+    if table.validation:
+        v = {k: x for k, x in table.validation.items() if k != "configs"}
+        val = Validation(**{**v, "drift_normalized": ValidationStats(**v["drift_normalized"])})
     return ProfileResult(
         str(elastic),
         table.regime.key,

@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from ..arch.spec import ElasticSpec
 from ..errors import FlexError, UsageError
 from ..io import layout
@@ -48,9 +51,6 @@ def validate(path: Path, check_data: bool = True) -> ValidateResult:
 
 
 def _scan_values(ins: Inspection) -> None:
-    import torch
-    from safetensors import safe_open
-
     for f in ins.headers:
         with safe_open(str(ins.path / f), framework="pt") as st:
             for name in st.keys():

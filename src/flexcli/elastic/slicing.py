@@ -13,6 +13,7 @@ import copy
 from collections.abc import Iterator
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from ..arch.family import Architecture
@@ -85,8 +86,6 @@ def planned_specs(src: SourceModel, spec: ElasticSpec, cfg: Config) -> list[Tens
 def stream_sliced(src: SourceModel, spec: ElasticSpec, cfg: Config) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the sub-model in stored order, read lazily: prefix slices through safetensors'
     get_slice, so only the kept bytes are read."""
-    from safetensors import safe_open
-
     for f in src.weight_files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from ..arch.spec import ElasticSpec
 from ..errors import UsageError
+from .atomic import atomic_write
 
 ELASTIC = "flex_elastic.json"
 ELASTIC_FORMAT = "flexcli.elastic/1"
@@ -83,10 +86,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_spec(path: Path):
+def read_spec(path: Path) -> ElasticSpec:
     """The ElasticSpec recorded in an elastic checkpoint."""
-    from ..arch.spec import ElasticSpec
-
     return ElasticSpec.from_dict(read_manifest(path)["spec"])
 
 
@@ -95,8 +96,6 @@ def write_importance(
     path: Path, scores: list[dict[str, torch.Tensor]] | None, perms: list[dict[str, torch.Tensor]]
 ) -> None:
     """layers.{i}.{unit}_perm (new position -> old id) and layers.{i}.{unit}_score (source order)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for i, p in enumerate(perms):
         for unit, idx in p.items():
@@ -111,8 +110,6 @@ def read_importance(
     path: Path, num_layers: int
 ) -> tuple[list[dict[str, torch.Tensor]] | None, list[dict[str, torch.Tensor]]]:
     """(scores or None when the order was not importance-based, permutations) of `num_layers` layers."""
-    from safetensors.torch import load_file
-
     t = load_file(path)
     perms = [{u: t[f"layers.{i}.{u}_perm"] for u in UNIT_NAMES} for i in range(num_layers)]
     scores = None
@@ -123,8 +120,6 @@ def read_importance(
 
 def read_importance_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The raw tensors of ELASTIC/flex_importance.safetensors ({} when absent)."""
-    from safetensors.torch import load_file
-
     f = Path(path) / IMPORTANCE
     return load_file(f) if f.exists() else {}
 
@@ -143,8 +138,7 @@ def read_latency(path: Path) -> dict[str, Any]:
 
 
 def write_latency(path: Path, data: dict[str, Any]) -> None:
-    from .atomic import atomic_write
-
+    """Replace ELASTIC/flex_latency.json atomically."""
     atomic_write(Path(path) / LATENCY, json.dumps(data, indent=1) + "\n")
 
 
@@ -152,8 +146,6 @@ def write_latency(path: Path, data: dict[str, Any]) -> None:
 def read_routers(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
     """(metadata, tensors) of ELASTIC's routers, None when none were trained; an error when the tensors
     are not the ones the metadata describes."""
-    from safetensors.torch import load_file
-
     f = Path(path) / ROUTERS_JSON
     if not f.is_file():
         return None
@@ -166,7 +158,6 @@ def read_routers(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] |
 
 def router_writers(tensors: dict[str, torch.Tensor], doc: dict[str, Any]):
     """Writers for io.atomic.update_dir: the tensors first, then the metadata with their hash."""
-    from safetensors.torch import save_file
 
     def write_tensors(dest: Path) -> None:
         save_file(tensors, str(dest))

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from ..arch.dims import Dims
 from ..arch.family import Architecture, LayerSizes, detect
 from ..errors import FlexError, UsageError
 from . import layout
-from .safetensors import INDEX, SINGLE, TensorSpec, read_safetensors_header
+from .safetensors import INDEX, SINGLE, TORCH_TO_ST, TensorSpec, read_safetensors_header
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -227,8 +228,6 @@ class SourceModel:
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) one at a time, file by file, in stored order."""
-        from safetensors import safe_open
-
         for f in self.weight_files:
             if self.pickle:
                 sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
@@ -242,10 +241,6 @@ class SourceModel:
     def tensor_specs(self) -> list[TensorSpec]:
         """(name, dtype, shape) of every tensor in stored order: from the headers, or for pickle weights
         from a memory-mapped pass."""
-        from safetensors import safe_open
-
-        from .safetensors import TORCH_TO_ST
-
         if self.pickle:
             return [(n, TORCH_TO_ST[t.dtype], list(t.shape)) for n, t in self.iter_tensors()]
         out = []
