@@ -136,6 +136,17 @@ class PretrainOptions:
             raise UsageError("steps and batch size must be positive and the sequence length at least 8")
 
 
+def _write(out: Path, model, tok, info: dict, force: bool) -> None:
+    """The model directory: weights, tokenizer, flex_pretrain.json (and the modeling file for per-layer widths)."""
+    with atomic_dir(out, force) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        family = model.config.model_type.removeprefix("flexcli_")
+        if family != model.config.model_type:  # per-layer widths: ship flexcli's own modeling file
+            (tmp / layout.MODELING).write_text(modeling_source(family))
+        layout.write_json(tmp / layout.PRETRAIN, info)
+
+
 def pretrain(
     out: Path, options: PretrainOptions | None = None, reporter: Reporter | None = None
 ) -> PretrainResult:
@@ -176,25 +187,9 @@ def pretrain(
     t0 = time.time()
     res = train_lm(model, tokens, cfg, rep)
     loss = mean_loss(model, heldout)
-    with atomic_dir(out, o.force) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if model.config.model_type.startswith(
-            "flexcli_"
-        ):  # per-layer widths: ship flexcli's own modeling file
-            (tmp / layout.MODELING).write_text(
-                modeling_source(model.config.model_type.removeprefix("flexcli_"))
-            )
-        layout.write_json(
-            tmp / layout.PRETRAIN,
-            {
-                "corpus": str(o.corpus),
-                "train": asdict(cfg),
-                "like": o.like and str(o.like),
-                "train_tokens": res.tokens,
-                "heldout_loss": loss,
-            },
-        )
+    info = {"corpus": str(o.corpus), "train": asdict(cfg), "like": o.like and str(o.like), "train_tokens": res.tokens,
+            "heldout_loss": loss}  # fmt: skip
+    _write(out, model, tok, info, o.force)
     params = sum(p.numel() for p in model.parameters())
     return PretrainResult(
         str(out),

@@ -112,6 +112,20 @@ def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
+def _restore(
+    state: LoopState | None, opt: torch.optim.Optimizer, g: torch.Generator
+) -> tuple[list[float], int]:
+    """Optimizer and generator state of a resumed run; (losses so far, first step)."""
+    if state is None:
+        return [], 0
+    if callable(state.optimizer):  # sharded (DCP) state loads itself into the optimizer
+        state.optimizer(opt)
+    else:
+        opt.load_state_dict(state.optimizer)
+    g.set_state(state.generator)
+    return list(state.losses), state.step
+
+
 def train_lm(
     model: nn.Module,
     tokens: torch.Tensor,
@@ -133,15 +147,7 @@ def train_lm(
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
-    losses: list[float] = []
-    start = 0
-    if state is not None:
-        if callable(state.optimizer):  # sharded (DCP) state loads itself into the optimizer
-            state.optimizer(opt)
-        else:
-            opt.load_state_dict(state.optimizer)
-        g.set_state(state.generator)
-        losses, start = list(state.losses), state.step
+    losses, start = _restore(state, opt, g)
     amp = autocast_dtype(device, cfg.precision)
     loss_fn = step_loss or (lambda x, _g: lm_loss(model, x))
     local = cfg.batch_size // world
@@ -178,11 +184,5 @@ def train_lm(
     ntok = (cfg.steps - start) * cfg.batch_size * cfg.seq_len * cfg.grad_accum
     model.eval()
     tail = losses[-10:]
-    return TrainResult(
-        cfg.steps,
-        ntok,
-        round(secs, 2),
-        round(ntok / max(secs, 1e-9), 1),
-        float(sum(tail) / max(1, len(tail))),
-        losses,
-    )
+    final = float(sum(tail) / max(1, len(tail)))
+    return TrainResult(cfg.steps, ntok, round(secs, 2), round(ntok / max(secs, 1e-9), 1), final, losses)
