@@ -76,3 +76,38 @@ def test_descriptors_explain_every_tensor_of_each_family():
             config = cfg.to_dict()
             config["architectures"] = list(arch.architectures)
             assert arch.expected_shapes(config, Dims.from_config(config)) == want, (arch.family, flags)
+
+
+RANK = {
+    "arch": 1,
+    "io": 2,
+    "elastic": 3,
+    "train": 4,
+    "latency": 4,
+    "router": 5,
+    "plan": 6,
+    "commands": 7,
+    "cli": 8,
+}
+
+
+def _rank(module: str) -> int:
+    """The room of flexcli.<room>.x; top-level modules (errors, progress, device, recipe, kernels) are 0."""
+    parts = module.split(".")
+    return RANK.get(parts[1], 0) if len(parts) > 1 and parts[0] == "flexcli" else 0
+
+
+def test_rooms_import_only_rooms_below_them():
+    """The layering of docs/architecture.md: arch < io < elastic < train, latency < router < plan < commands < cli."""
+    offenders = []
+    for p in _modules():
+        rel = p.relative_to(PKG)
+        if (
+            len(rel.parts) == 1
+        ):  # flexcli/__init__ (registration hook) and the demo script sit outside the rooms
+            continue
+        own = RANK[rel.parts[0]]
+        for name in _imports(p):
+            if name.startswith("flexcli.") and _rank(name) > own:
+                offenders.append(f"{rel} imports {name}")
+    assert offenders == []

@@ -9,14 +9,13 @@ Gumbel-softmax probabilities are recorded and multiplied into the outputs by str
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from flexcli.kernels import grouped_linear
 
-from ..router.models import DynamicRouter, gumbel_probs
 from .runtime import ElasticModel
 
 
@@ -26,6 +25,14 @@ def _index_batch(v: Any, idx: torch.Tensor, batch: int) -> Any:
     if isinstance(v, tuple):
         return tuple(_index_batch(x, idx, batch) for x in v)
     return v
+
+
+class LayerRouter(Protocol):
+    """What the runtime needs from an input-adaptive router (router.models.DynamicRouter): the router
+    decides, the runtime executes."""
+
+    def choose(self, layer: int, x: torch.Tensor, budget: torch.Tensor, tau: float | None = None,
+               g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, Any, Any]: ...  # fmt: skip
 
 
 class GroupedMLP(nn.Module):
@@ -90,7 +97,7 @@ class GroupedAttention(nn.Module):
 class DynamicRuntime:
     """Attach an input-adaptive router to an elastic model (detach with `close`)."""
 
-    def __init__(self, elastic: ElasticModel, router: DynamicRouter):
+    def __init__(self, elastic: ElasticModel, router: LayerRouter):
         self.elastic, self.router = elastic, router
         spec = elastic.spec
         self.mlp_choices, self.head_choices = spec.layers[0].mlp, spec.layers[0].heads
@@ -125,19 +132,16 @@ class DynamicRuntime:
                 gm.token_choice = ga.seq_choice = gm.gate = ga.gate = None
                 return
             x = args[0] if args else kwargs["hidden_states"]  # (B, S, D)
-            lm, lh = self.router.layer_logits(i, x.detach(), self.budget.to(x.device))
-            if self.soft:
-                pm, ph = (
-                    gumbel_probs(lm, self.tau, self.generator),
-                    gumbel_probs(lh, self.tau, self.generator),
-                )
-                km, kh = pm.argmax(-1), ph.argmax(-1)
+            budget = self.budget.to(x.device)
+            km, kh, pm, ph = self.router.choose(
+                i, x.detach(), budget, self.tau if self.soft else None, self.generator
+            )
+            if pm is not None:  # soft: straight-through gates carry the chosen probabilities' gradient
                 self.records.append((pm, ph))
                 sel_m = pm.gather(-1, km[..., None]).squeeze(-1)
                 sel_h = ph.gather(-1, kh[..., None]).squeeze(-1)
                 gm.gate, ga.gate = (sel_m / sel_m.detach()).to(x.dtype), (sel_h / sel_h.detach()).to(x.dtype)
             else:
-                km, kh = lm.argmax(-1), lh.argmax(-1)
                 gm.gate = ga.gate = None
             gm.token_choice, ga.seq_choice = km, kh
             self.choices.append((km, kh))

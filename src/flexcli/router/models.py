@@ -7,6 +7,7 @@ targets is their linear mix (router interpolation). Choice index 0 is the full w
 from __future__ import annotations
 
 import bisect
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,6 +110,17 @@ class DynamicRouter(nn.Module):
         tok = torch.cat([x, e[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
         seq = torch.cat([x.mean(dim=1), e], dim=-1)
         return self.mlp[layer](tok), self.att[layer](seq)
+
+    def choose(self, layer: int, x: torch.Tensor, budget: torch.Tensor, tau: float | None = None,
+               g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:  # fmt: skip
+        """(per-token MLP choice (B, S), per-sequence head choice (B,), and with `tau` their Gumbel-softmax
+        probabilities (B, S, K) / (B, J), else None) at `layer`: the argmax of the logits, or of the
+        Gumbel-perturbed probabilities when training (soft routing)."""
+        lm, lh = self.layer_logits(layer, x, budget)
+        if tau is None:
+            return lm.argmax(-1), lh.argmax(-1), None, None
+        pm, ph = gumbel_probs(lm, tau, g), gumbel_probs(lh, tau, g)
+        return pm.argmax(-1), ph.argmax(-1), pm, ph
 
 
 class Surrogate(nn.Module):
