@@ -87,7 +87,7 @@ class DynamicRouter(nn.Module):
         n_layers: int,
         hidden_size: int,
         n_mlp: int,
-        n_heads: int,  # noqa: PLR0913
+        n_heads: int,
         emb: int = 16,
         hidden: int = 64,
         init_std: float = 0.1,
