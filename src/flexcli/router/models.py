@@ -47,15 +47,8 @@ def _two_layer(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
 class StaticRouter(nn.Module):
     """z = W2 LeakyReLU(W1 onehot(T)) -> per-layer MLP-width and head-count logits (bias-free, [S2])."""
 
-    def __init__(
-        self,
-        n_targets: int,
-        n_layers: int,
-        n_mlp: int,
-        n_heads: int,
-        hidden: int = 128,
-        init_std: float = 0.1,
-    ):
+    def __init__(self, n_targets: int, n_layers: int, n_mlp: int, n_heads: int, hidden: int = 128,
+                 init_std: float = 0.1):  # fmt: skip
         super().__init__()
         self.n_layers, self.n_mlp, self.n_heads = n_layers, n_mlp, n_heads
         self.net = _two_layer(n_targets, hidden, n_layers * (n_mlp + n_heads))
@@ -81,17 +74,8 @@ class DynamicRouter(nn.Module):
     """Input-adaptive router: per layer, a per-token MLP width from [x_t ; emb(T)] and a per-sequence
     head count from [mean over the sequence of x_t ; emb(T)] (so the KV cache stays consistent)."""
 
-    def __init__(
-        self,
-        n_targets: int,
-        n_layers: int,
-        hidden_size: int,
-        n_mlp: int,
-        n_heads: int,
-        emb: int = 16,
-        hidden: int = 64,
-        init_std: float = 0.1,
-    ):
+    def __init__(self, n_targets: int, n_layers: int, hidden_size: int, n_mlp: int, n_heads: int,
+                 emb: int = 16, hidden: int = 64, init_std: float = 0.1):  # fmt: skip
         super().__init__()
         self.emb = nn.Linear(n_targets, emb, bias=False)
         self.mlp = nn.ModuleList(_two_layer(hidden_size + emb, hidden, n_mlp) for _ in range(n_layers))
