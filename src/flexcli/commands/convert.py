@@ -144,6 +144,7 @@ class _Job:
     out: Path
     spec: ElasticSpec
     ckpts: Checkpoints
+    tokenizer: Any
     calib: torch.Tensor  # (n, seq_len) calibration sequences
     eval_seqs: torch.Tensor | None
 
@@ -166,7 +167,7 @@ def convert(
     train_data = None
     if job.training:
         with rep.task("reading training text"):
-            train_data = training_data(job.recipe, load_tokenizer(job.src.path))
+            train_data = training_data(job.recipe, job.tokenizer)
     with rep.task("loading model"):
         hf = load_model(job.src, device, job.recipe.dtype)
     scores, perms = _calibrate(job, hf, resume_from, rep)
@@ -221,7 +222,7 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
         split = "heldout" if recipe.eval.data == STDLIB else "train"
         eval_seqs = load_sequences(tok, recipe.eval.data, recipe.eval.samples, recipe.eval.seq_len, split)
     ckpts = Checkpoints(work_dir(out), recipe_hash(recipe.to_dict()), src.file_hashes())
-    return _Job(recipe, src, source_desc, out, spec, ckpts, calib, eval_seqs)
+    return _Job(recipe, src, source_desc, out, spec, ckpts, tok, calib, eval_seqs)
 
 
 def _calibrate(job: _Job, hf, resume_from: Path | None, rep: Reporter) -> tuple[Scores | None, Perms]:
