@@ -24,7 +24,7 @@ from ..elastic.runtime import ElasticModel
 from ..latency.table import LatencyTable
 from ..progress import Reporter
 from ..recipe import P_FULL
-from ..train.loop import sample_batch
+from ..train.loop import lm_loss, sample_batch
 from .models import DynamicRouter, StaticRouter, encode_budget, gumbel_probs, latency_loss
 from .surrogate import SMState
 
@@ -164,10 +164,7 @@ def train_dynamic(
                 rt.budget = torch.eye(len(targets))[t][None].expand(x.shape[0], -1)
                 rt.tau = tau_at(step, h.dynamic_steps, h)
                 rt.records, rt.choices = [], []
-                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-                l_true = nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
-                ).item()
+                l_true = lm_loss(model, x).item()
                 pm = [r[0].mean(dim=(0, 1)) for r in rt.records]  # (K,) per layer
                 ph = [r[1].mean(dim=0) for r in rt.records]  # (J,) per layer
                 feat = torch.cat([torch.stack(pm), torch.stack(ph)], dim=-1).flatten()
@@ -266,11 +263,6 @@ def route_straight_through(elastic: ElasticModel, gates: list, pm: torch.Tensor,
         gates[i][0], gates[i][1] = sm_ / sm_.detach(), sh_ / sh_.detach()
 
 
-def _ce(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-
-
 def train_static_direct(
     elastic: ElasticModel,
     table: LatencyTable,
@@ -296,7 +288,7 @@ def train_static_direct(
                 scale = 1 + 9 * step / max(1, h.steps - 1)
                 pm, ph = _route(router, t, len(targets), scale, tau_at(step, h.steps, h), g)
                 route_straight_through(elastic, gates, pm, ph)
-                ce = _ce(model, sample_batch(tokens, h.batch_size, h.seq_len, g))
+                ce = lm_loss(model, sample_batch(tokens, h.batch_size, h.seq_len, g))
                 loss = ce + h.lam * _latency_term(table, pm, ph, targets[t], h)
                 opt.zero_grad()
                 loss.backward()
@@ -348,7 +340,7 @@ def train_joint(
                     pm, ph = _route(router, t, len(targets), 10.0, h.tau_end, g)
                     route_straight_through(elastic, gates, pm, ph)
                     lat_loss = _latency_term(table, pm, ph, targets[t], h)
-                ce = _ce(model, x)
+                ce = lm_loss(model, x)
                 loss = ce + h.lam * lat_loss
                 opt.zero_grad()
                 loss.backward()

@@ -108,6 +108,7 @@ def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, g: torch.Genera
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (batch, seq) batch (computed in fp32)."""
     logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (batch, seq-1, vocab)
     return nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
