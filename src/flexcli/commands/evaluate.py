@@ -14,7 +14,7 @@ from ..elastic.evaluate import mean_loss
 from ..elastic.runtime import load_elastic
 from ..errors import UsageError
 from ..io import layout
-from ..io.source import SourceModel
+from ..io.source import SourceModel, load_tokenizer
 from ..plan.search import Request, optional_table, param_counter, resolve_targets
 from ..progress import Reporter
 from ..router.store import load_router
@@ -51,14 +51,14 @@ class EvalResult:
 
 def evaluate(path: Path, options: EvalOptions, reporter: Reporter | None = None) -> EvalResult:
     """Perplexity on `samples` sequences of `seq_len` tokens (the stdlib's held-out split for 'stdlib')."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     rep = reporter or Reporter()
     o = options
     if not Path(path).is_dir():
         raise UsageError(f"model path {path} does not exist")
     register_auto_classes()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok = load_tokenizer(Path(path))
     seqs = load_sequences(tok, o.data, o.samples, o.seq_len, "heldout" if o.data == STDLIB else "train")
     res = EvalResult(str(path), o.data, int(seqs.numel()))
     if not layout.is_elastic(path):

@@ -15,6 +15,7 @@ from ..elastic.evaluate import mean_loss
 from ..errors import UsageError
 from ..io import layout
 from ..io.atomic import atomic_dir, check_output
+from ..io.source import load_tokenizer
 from ..io.submodel import modeling_source
 from ..progress import Reporter
 from ..recipe import TrainSection
@@ -99,7 +100,7 @@ class PretrainResult:
 
 def model_like(like: Path, seed: int):
     """(tokenizer, randomly initialised model) with the architecture and tokenizer of the model in `like`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (Path(like) / "config.json").is_file():
         raise UsageError(f"{like} has no config.json; give a Hugging Face model directory", option="like")
@@ -107,7 +108,7 @@ def model_like(like: Path, seed: int):
 
     register_auto_classes()  # flex-format sub-models (per-layer widths) too
     cfg = AutoConfig.from_pretrained(like, local_files_only=True, trust_remote_code=False)
-    tok = AutoTokenizer.from_pretrained(like, local_files_only=True)
+    tok = load_tokenizer(like)
     torch.manual_seed(seed)
     return tok, AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
