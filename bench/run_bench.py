@@ -370,14 +370,22 @@ def st_profile(c: Ctx) -> dict:
     from flexcli.commands.profile import profile
     from flexcli.latency.table import load_table
 
-    r = profile(c.path("flextron"), _profile_options(c, correct=3, validate=c.plan.validate), c.rep)
+    # The router and extract stages need a table whose smallest sub-network is faster than the full model.
+    # On a tiny model (BENCH_SCALE < 0.1) the two differ by a few percent, which a noisy spell can invert:
+    # such a table is measured again (up to 3 times), and the attempts are reported.
+    for attempt in range(1, 4):
+        r = profile(c.path("flextron"), _profile_options(c, correct=3, validate=c.plan.validate), c.rep)
+        if r.smallest_ms < 0.98 * r.full_ms:
+            break
+        c.rep.warn(f"profile attempt {attempt}: smallest sub-network {r.smallest_ms:.3f} ms is not faster than the "
+                   f"full model {r.full_ms:.3f} ms (timing noise); measuring again")  # fmt: skip
     table = load_table(c.path("flextron"), None)
-    return {**asdict(r), "validation_configs": table.validation["configs"]}
+    return {**asdict(r), "attempts": attempt, "validation_configs": table.validation["configs"]}
 
 
 def _budgets(c: Ctx, fractions: tuple[float, ...]) -> str:
     full, small = c.results["profile"]["full_ms"], c.results["profile"]["smallest_ms"]
-    return ",".join(f"{small + f * (full - small):.4f}ms" for f in fractions)
+    return ",".join(f"{small + f * (full - small):.6f}ms" for f in fractions)
 
 
 def st_routers(c: Ctx) -> dict:
