@@ -107,7 +107,7 @@ def convert(
     calib_samples: Annotated[int | None, typer.Option("--calib-samples", min=1, help="Number of calibration sequences N.")] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", min=2, help="Calibration sequence length L in tokens.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Compute dtype: float32 or bfloat16.")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Compute dtype: float32 or bfloat16; for a GGUF source also the stored dtype (default bfloat16).")] = None,
     eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out text for a perplexity-per-width report.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin (pickle) weights, loaded with weights_only=True.")] = False,
     max_shard_size: MaxShardOpt = "5GB",

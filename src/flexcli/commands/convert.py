@@ -24,10 +24,10 @@ from ..elastic.permute import Perms, identity_permutations, permutations, permut
 from ..elastic.runtime import ElasticModel
 from ..errors import RuntimeFailure, UsageError
 from ..io import layout
-from ..io.atomic import atomic_dir, check_output, copy_files
+from ..io.atomic import atomic_dir, check_output
 from ..io.project import record
 from ..io.safetensors import write_model
-from ..io.source import SourceModel, load_model, load_tokenizer
+from ..io.source import Source, open_source
 from ..progress import Reporter
 from ..recipe import Recipe, find_builtin, load_recipe, validate
 from ..train import distributed as D
@@ -80,8 +80,10 @@ class ConvertResult:
 
 
 def default_output(model: str) -> Path:
-    """`flex convert NAME` writes ./NAME-elastic (named after the model, never the source itself)."""
-    return Path.cwd() / f"{Path(model.rstrip('/')).name}-elastic"
+    """`flex convert NAME` writes ./NAME-elastic (named after the model, never the source itself;
+    a GGUF file's name without .gguf)."""
+    name = Path(model.rstrip("/")).name
+    return Path.cwd() / f"{name[:-5] if name.lower().endswith('.gguf') else name}-elastic"
 
 
 def resolve_recipe(model: str, o: ConvertOptions) -> Recipe:
@@ -109,13 +111,16 @@ def resolve_recipe(model: str, o: ConvertOptions) -> Recipe:
     return validate(r)
 
 
-def resolve_source(model: str, recipe: Recipe, allow_pickle: bool) -> tuple[SourceModel, str]:
-    """A local directory, or the recipe's / the name's hub id downloaded into the HF cache."""
+def resolve_source(
+    model: str, recipe: Recipe, allow_pickle: bool, dtype: str | None = None
+) -> tuple[Source, str]:
+    """A local directory or GGUF file, or the recipe's / the name's hub id downloaded into the HF cache.
+    `dtype` stores a GGUF source's dequantized tensors (default bfloat16)."""
     local = Path(model)
     if local.exists():
-        return SourceModel.open(local, allow_pickle), str(local.resolve())
+        return open_source(local, allow_pickle, dtype), str(local.resolve())
     if recipe.source and Path(recipe.source).exists():
-        return SourceModel.open(recipe.source, allow_pickle), str(Path(recipe.source).resolve())
+        return open_source(recipe.source, allow_pickle, dtype), str(Path(recipe.source).resolve())
     hub_id = recipe.source if recipe.name == model and recipe.source else model
     if "/" not in hub_id or hub_id.startswith((".", "/")) or hub_id.count("/") > 1:
         raise UsageError(
@@ -131,7 +136,7 @@ def resolve_source(model: str, recipe: Recipe, allow_pickle: bool) -> tuple[Sour
             f"cannot download {hub_id} from the Hugging Face Hub ({reason}); download it "
             f"elsewhere and pass the local directory: flex convert /path/to/{hub_id.split('/')[-1]}"
         ) from None
-    return SourceModel.open(path, allow_pickle), hub_id
+    return open_source(path, allow_pickle), hub_id
 
 
 @dataclass
@@ -139,7 +144,7 @@ class _Job:
     """The resolved inputs of one conversion."""
 
     recipe: Recipe
-    src: SourceModel
+    src: Source
     source_desc: str
     out: Path
     spec: ElasticSpec
@@ -169,7 +174,7 @@ def convert(
         with rep.task("reading training text"):
             train_data = training_data(job.recipe, job.tokenizer)
     with rep.task("loading model"):
-        hf = load_model(job.src, device, job.recipe.dtype)
+        hf = job.src.load_model(device, job.recipe.dtype)
     scores, perms = _calibrate(job, hf, resume_from, rep)
     permute_model_(hf, job.src.arch, job.src.dims, perms)
     train_report = None
@@ -204,12 +209,12 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
     recipe = resolve_recipe(model, o)
     out = (o.output or default_output(model)).resolve()
     check_output(out, o.force)
-    src, source_desc = resolve_source(model, recipe, o.allow_pickle)
+    src, source_desc = resolve_source(model, recipe, o.allow_pickle, o.dtype)
     if out == src.path.resolve():
         raise UsageError(f"output {out} is the source model itself; choose another output", option="output")
     e = recipe.elastic
     spec = ElasticSpec.build(src.arch.family, src.dims, e.mlp_ratios, e.head_ratios, e.mlp_multiple, e.gqa)
-    tok = load_tokenizer(src.path)
+    tok = src.tokenizer()
     c = recipe.calibration
     torch.manual_seed(recipe.seed)
     calib = load_sequences(tok, c.data, c.samples, c.seq_len, "train")
@@ -263,7 +268,7 @@ def _write(
         else:  # the source's own tensors, permuted (bit-identical otherwise)
             stream = ((n, permute_tensor(n, t, src.arch, src.dims, perms)) for n, t in src.iter_tensors())
         files = write_model(tmp, src.tensor_specs(), stream, o.max_shard_bytes)
-        copy_files(src.non_weight_files(), tmp)
+        src.write_metadata(tmp)
         layout.write_importance(tmp / layout.IMPORTANCE, scores, perms)
         stages: dict[str, Any] = {
             "permute": {"order": job.recipe.importance.order, "calibration_tokens": int(job.calib.numel())}

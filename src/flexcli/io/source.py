@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -23,6 +23,7 @@ from ..arch.dims import Dims
 from ..arch.family import Architecture, LayerSizes, detect
 from ..errors import FlexError, UsageError
 from . import layout
+from .atomic import copy_files
 from .safetensors import INDEX, SINGLE, TORCH_TO_ST, TensorSpec, read_safetensors_header
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
@@ -262,6 +263,43 @@ class SourceModel:
 
     def file_hashes(self) -> dict[str, str]:
         return {f.name: sha256_file(f) for f in [self.path / "config.json", *self.weight_files]}
+
+    def tokenizer(self):
+        return load_tokenizer(self.path)
+
+    def load_model(self, device: torch.device, dtype: str):
+        return load_model(self, device, dtype)
+
+    def write_metadata(self, dst: Path) -> None:
+        """The directory's other files (config, tokenizer, generation config...) verbatim."""
+        copy_files(self.non_weight_files(), dst)
+
+
+class Source(Protocol):
+    """What convert reads from a model: a Hugging Face directory (SourceModel) or a GGUF file."""
+
+    path: Path
+    config: dict[str, Any]
+    arch: Architecture
+    dims: Dims
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def tensor_specs(self) -> list[TensorSpec]: ...  # in iter_tensors' order
+    def file_hashes(self) -> dict[str, str]: ...
+    def tokenizer(self) -> Any: ...
+    def load_model(self, device: torch.device, dtype: str) -> Any: ...
+    def write_metadata(self, dst: Path) -> None: ...  # config, tokenizer: all but the weights
+
+
+def open_source(path: str | Path, allow_pickle: bool = False, gguf_dtype: str | None = None) -> Source:
+    """A GGUF file (or a directory holding exactly one, without config.json), else a HF directory.
+    GGUF tensors are stored as `gguf_dtype` (default bfloat16)."""
+    from .gguf import GGUFSource, find_gguf
+
+    p = Path(path)
+    if (f := find_gguf(p)) is not None:
+        return GGUFSource.open(f, gguf_dtype or "bfloat16")
+    return SourceModel.open(p, allow_pickle)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
