@@ -26,3 +26,21 @@ def test_stdlib_order_is_a_fixed_sample_of_the_whole_library():
     assert files != sorted(files) and len(first) > 20  # a prefix spans many packages, not just a*-b*
     held = set(stdlib_files("heldout"))
     assert held and not held & set(files)
+
+
+def test_token_file_is_the_token_stream_on_disk(tmp_path, tokenizer_dir, calib_file):
+    """Training text is tokenized once into a memory-mapped uint32 file: the same tokens as the in-memory
+    stream, a file of exactly that size, and the held-out tail cut the same way."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from flexcli.train.data import token_file, token_stream, train_and_heldout
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    want = token_stream(tok, calib_file, 5000)
+    got = token_file(tok, calib_file, 5000, tmp_path / "t.u32")
+    assert torch.equal(got.long(), want) and (tmp_path / "t.u32").stat().st_size == 4 * want.numel()
+    assert not list(tmp_path.glob(".t.u32.tmp-*"))
+    a_tokens, a_held = train_and_heldout(tok, calib_file, 4000, 2, 64)
+    b_tokens, b_held = train_and_heldout(tok, calib_file, 4000, 2, 64, cache=tmp_path)
+    assert torch.equal(a_tokens, b_tokens.long()) and torch.equal(a_held, b_held)

@@ -22,3 +22,45 @@ def test_importance_order_beats_random_order_at_half_width(tmp_path):
     full = {w.ratio: w.ppl for w in imp.widths}[1.0]
     assert abs(full - {w.ratio: w.ppl for w in rnd.widths}[1.0]) < 1e-3 * full  # same function at full width
     assert half < half_rnd, (half, half_rnd)
+
+
+def test_taylor_head_scores_match_autograd(tmp_path, tokenizer_dir):
+    """`taylor` is sum over tokens of |a_h . dL/da_h| at each layer's o_proj input, computed without
+    weight gradients; the model's requires_grad flags are restored."""
+    import torch
+    from conftest import make_model
+    from transformers import AutoModelForCausalLM
+
+    from flexcli.arch.dims import Dims
+    from flexcli.arch.family import by_family
+    from flexcli.elastic.importance import compute_importance
+
+    model = AutoModelForCausalLM.from_pretrained(make_model(tmp_path / "m", tokenizer_dir, heads=4, kv=2))
+    dims, arch = Dims.from_config(model.config.to_dict()), by_family("llama")
+    seqs = torch.randint(0, 300, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = compute_importance(model, arch, dims, seqs, batch_size=2, head_score="taylor")
+    assert all(p.requires_grad for p in model.parameters()) and all(
+        p.grad is None for p in model.parameters()
+    )
+
+    want = torch.zeros(dims.num_layers, dims.num_heads, dtype=torch.float64)
+    for b in (seqs[:2], seqs[2:]):
+        acts = []
+        hooks = [
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda _m, a: acts.append(a[0].retain_grad() or a[0])
+            )
+            for layer in model.model.layers
+        ]
+        logits = model(input_ids=b).logits[:, :-1]
+        torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1)
+        ).backward()
+        for h in hooks:
+            h.remove()
+        for i, a in enumerate(acts):
+            dot = (a * a.grad).unflatten(-1, (dims.num_heads, dims.head_dim)).sum(-1)  # (batch, seq, H)
+            want[i] += dot.abs().sum((0, 1)).double()
+        model.zero_grad(set_to_none=True)
+    for i in range(dims.num_layers):
+        assert torch.allclose(got[i]["qhead"], want[i], rtol=1e-4), (got[i]["qhead"], want[i])

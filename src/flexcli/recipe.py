@@ -25,7 +25,7 @@ class ElasticSection:
     mlp_ratios: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25])
     head_ratios: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     mlp_multiple: int = 64
-    gqa: str = "query"  # query | group
+    gqa: str = "group"  # group (drop whole KV groups) | query (drop query heads inside every group)
 
 
 @dataclass
@@ -39,6 +39,7 @@ class CalibrationSection:
 @dataclass
 class ImportanceSection:
     order: str = "importance"  # importance | random (ablation baseline) | identity
+    head_score: str = "norm"  # norm (head output L2 norm) | taylor (|a . dL/da|, one backward per batch)
     seed: int = 0
 
 
@@ -152,6 +153,10 @@ def validate(r: Recipe) -> Recipe:
     c = r.calibration
     if c.samples < 1 or c.seq_len < 2 or c.batch_size < 1:
         raise UsageError("recipe: calibration.samples, seq_len and batch_size must be positive")
+    if r.importance.head_score not in ("norm", "taylor"):
+        raise UsageError(
+            f"recipe: importance.head_score must be norm or taylor, got {r.importance.head_score!r}"
+        )
     if r.importance.order not in ("importance", "random", "identity"):
         raise UsageError(
             f"recipe: importance.order must be importance, random or identity, got {r.importance.order!r}"

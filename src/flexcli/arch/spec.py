@@ -4,10 +4,14 @@ GQA rule. Query heads are stored group-major (head q belongs to KV group q // gr
 permutation sorts KV groups by summed importance and query heads by importance inside their group, so
 both rules below are prefix rules:
 
-* ``gqa: query`` (default for GQA/MQA) keeps every KV group and the first ``h / num_kv_heads`` query
-  heads of each group: the KV cache keeps its size, choices are multiples of ``num_kv_heads``.
-* ``gqa: group`` drops whole KV groups with their query heads: a prefix of ``h / group_size`` groups,
-  so the KV cache shrinks too; choices are multiples of ``group_size``.
+* ``gqa: group`` (default) drops whole KV groups with their query heads: a prefix of ``h / group_size``
+  groups, so the KV cache shrinks too; choices are multiples of ``group_size``.
+* ``gqa: query`` keeps every KV group and the first ``h / num_kv_heads`` query heads of each group: the
+  KV cache keeps its size, choices are multiples of ``num_kv_heads``.
+
+On SmolLM2-135M (9 query heads, 3 KV groups), keeping 6 heads by whole groups gives held-out
+perplexity 30 (code) / 42 (prose) against 421 / 206 for two heads per group; 3 heads: 316 / 510 against
+49,708 / 37,228 (docs/results/heads_smollm2.json). A real GQA model wants whole groups removed.
 
 Plain multi-head attention (one query head per KV head) always uses ``group`` (a head and its K/V go
 together); multi-query attention (one KV head) always uses ``query``.
@@ -77,7 +81,7 @@ class ElasticSpec:
         mlp_ratios: list[float],
         head_ratios: list[float],
         mlp_multiple: int = 64,
-        gqa: str = "query",
+        gqa: str = "group",
     ) -> ElasticSpec:
         mode = effective_gqa_mode(dims, gqa)
         mlp = sorted(

@@ -7,6 +7,7 @@ temporary sibling committed atomically).
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,7 @@ import torch
 
 from .. import __version__
 from ..arch.spec import ElasticSpec
-from ..device import resolve_device
+from ..device import autocast_dtype, resolve_device
 from ..elastic.evaluate import UniformWidth, uniform_width_report
 from ..elastic.importance import Scores, compute_importance, random_scores
 from ..elastic.permute import Perms, identity_permutations, permutations, permute_model_, permute_tensor
@@ -172,7 +173,16 @@ def convert(
     train_data = None
     if job.training:
         with rep.task("reading training text"):
-            train_data = training_data(job.recipe, job.tokenizer)
+            cache = job.ckpts.root / f"data-rank{rank}"  # per rank: no races; a fresh run re-tokenizes
+            if resume_from is None:
+                shutil.rmtree(cache, ignore_errors=True)
+            try:
+                train_data = training_data(job.recipe, job.tokenizer, cache)
+            except BaseException:  # bad training input leaves nothing behind
+                shutil.rmtree(cache, ignore_errors=True)
+                if resume_from is None and not job.ckpts.list():
+                    shutil.rmtree(job.ckpts.root, ignore_errors=True)
+                raise
     with rep.task("loading model"):
         hf = job.src.load_model(device, job.recipe.dtype)
     scores, perms = _calibrate(job, hf, resume_from, rep)
@@ -238,7 +248,14 @@ def _calibrate(job: _Job, hf, resume_from: Path | None, rep: Reporter) -> tuple[
     if order == "importance":
         with rep.task("calibration (importance)", total=job.calib.shape[0]) as task:
             scores = compute_importance(
-                hf, src.arch, src.dims, job.calib, job.recipe.calibration.batch_size, task.advance
+                hf,
+                src.arch,
+                src.dims,
+                job.calib,
+                job.recipe.calibration.batch_size,
+                task.advance,
+                head_score=job.recipe.importance.head_score,
+                autocast=autocast_dtype(next(hf.parameters()).device, "auto"),
             )
         scores = D.broadcast_object(scores)
         return scores, permutations(scores, src.dims)

@@ -9,28 +9,33 @@ import torch
 from torch import nn
 
 from ..arch.spec import Config
+from ..device import autocast_dtype
 from .runtime import ElasticModel
 
 
-@torch.no_grad()
-def mean_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int = 8) -> float:
-    """Token-mean next-token cross-entropy over (n, seq_len) sequences."""
+def mean_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int = 8, precision: str = "auto") -> float:
+    """Token-mean next-token cross-entropy over (n, seq_len) sequences: inference mode, bf16 autocast
+    where the device runs it fast (`precision` as in training: auto | fp32 | bf16), and one host sync
+    at the end (the sum stays on the device)."""
     device = next(model.parameters()).device
+    amp = autocast_dtype(device, precision)
     was = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        for b in range(0, seqs.shape[0], batch_size):
-            x = seqs[b : b + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()  # (batch, seq-1, vocab)
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            )
-            total += loss.item()
-            count += x[:, 1:].numel()
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, amp or torch.bfloat16, enabled=amp is not None),
+        ):
+            for b in range(0, seqs.shape[0], batch_size):
+                x = seqs[b : b + batch_size].to(device)
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (batch, seq-1, vocab)
+                total += nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+                )
     finally:
         model.train(was)
-    return total / count
+    return total.item() / (seqs.shape[0] * (seqs.shape[1] - 1))
 
 
 @dataclass

@@ -79,16 +79,18 @@ class ElasticModel:
     def _head_sel(self, heads: int) -> tuple[Selection, Selection]:
         """(query-row selection, kv-row selection) for `heads` active query heads."""
         if heads not in self._index_cache:
-            d = self.spec.dims
-            if heads == d.num_heads:
-                sel: tuple[Selection, Selection] = (None, None)
-            elif self.spec.gqa == "group":
-                sel = (heads * d.head_dim, self.spec.kv_heads(heads) * d.head_dim)
-            else:
-                q, _ = self.spec.head_index(heads)
-                sel = (unit_rows(q, d.head_dim), None)
-            self._index_cache[heads] = sel
+            self._index_cache[heads] = self._new_head_sel(heads)
         return self._index_cache[heads]
+
+    @torch.inference_mode(False)  # cached index tensors stay usable by autograd, whoever asks first
+    def _new_head_sel(self, heads: int) -> tuple[Selection, Selection]:
+        d = self.spec.dims
+        if heads == d.num_heads:
+            return None, None
+        if self.spec.gqa == "group":
+            return heads * d.head_dim, self.spec.kv_heads(heads) * d.head_dim
+        q, _ = self.spec.head_index(heads)
+        return unit_rows(q, d.head_dim), None
 
     def set_config(self, cfg: Config | None) -> None:
         """Activate per-layer (mlp, heads); None means the full model."""

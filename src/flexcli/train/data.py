@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import UsageError
@@ -135,19 +137,61 @@ def load_sequences(tokenizer, source: str | Path, n: int, seq_len: int, split: s
     return pack(token_stream(tokenizer, source, n * seq_len, split), seq_len, n, source)
 
 
+def token_file(
+    tokenizer, source: str | Path, max_tokens: int, path: Path, split: str = "train"
+) -> torch.Tensor:
+    """Tokenize documents (EOS between them) until `max_tokens` into `path` (uint32, written in chunks
+    through a temporary sibling) and return the file memory-mapped as a 1-D tensor: a corpus of any size
+    costs disk, not memory. An existing complete file is reused (a resumed run reads the same tokens)."""
+    if not path.is_file():
+        eos = tokenizer.eos_token_id
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        n, buf = 0, []
+        with open(tmp, "wb") as f:
+            for doc in iter_documents(source, split):
+                if not doc.strip():
+                    continue
+                buf.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+                if eos is not None:
+                    buf.append(eos)
+                if len(buf) >= 1 << 20 or n + len(buf) >= max_tokens:
+                    buf = buf[: max_tokens - n]
+                    np.asarray(buf, dtype=np.uint32).tofile(f)
+                    n, buf = n + len(buf), []
+                    if n >= max_tokens:
+                        break
+            np.asarray(buf, dtype=np.uint32).tofile(f)
+            n += len(buf)
+        if n == 0:
+            tmp.unlink()
+            raise UsageError(f"text data {source} is empty")
+        os.replace(tmp, path)
+    return torch.from_numpy(np.memmap(path, dtype=np.uint32, mode="c"))
+
+
 def train_and_heldout(
-    tokenizer, source: str | Path, max_tokens: int, heldout_seqs: int, seq_len: int
+    tokenizer,
+    source: str | Path,
+    max_tokens: int,
+    heldout_seqs: int,
+    seq_len: int,
+    cache: Path | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1-D training token stream, (n, seq_len) held-out sequences).
+    """(1-D training token stream, (n, seq_len) held-out sequences). With `cache` (a directory) the
+    stream is a memory-mapped token file there (see `token_file`); otherwise it is read into memory.
 
     For 'stdlib' the held-out text is the held-out file split; for anything else it is the last 5% of
     the tokens read (the training stream never contains it).
     """
+
+    def stream(n: int, split: str = "train") -> torch.Tensor:
+        if cache is None:
+            return token_stream(tokenizer, source, n, split)
+        return token_file(tokenizer, source, n, cache / f"tokens-{split}-{n}.u32", split)
+
     if str(source) == STDLIB:
-        return (
-            token_stream(tokenizer, source, max_tokens, "train"),
-            load_sequences(tokenizer, source, heldout_seqs, seq_len, "heldout"),
-        )
-    stream = token_stream(tokenizer, source, max_tokens + heldout_seqs * seq_len)
-    cut = max(seq_len + 1, int(stream.numel() * 0.95))
-    return stream[:cut], pack(stream[cut:], seq_len, heldout_seqs, f"{source} (held-out last 5%)")
+        return stream(max_tokens), load_sequences(tokenizer, source, heldout_seqs, seq_len, "heldout")
+    tokens = stream(max_tokens + heldout_seqs * seq_len)
+    cut = max(seq_len + 1, int(tokens.numel() * 0.95))
+    heldout = tokens[cut:].long()
+    return tokens[:cut], pack(heldout, seq_len, heldout_seqs, f"{source} (held-out last 5%)")

@@ -12,6 +12,7 @@ import copy
 import os
 import random
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,13 +119,15 @@ class TrainReport:
         return asdict(self)
 
 
-def training_data(recipe: Recipe, tok) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training token stream, held-out sequences); a one-line error if not even one batch fits."""
+def training_data(recipe: Recipe, tok, cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training token stream, held-out sequences); a one-line error if not even one batch fits. The
+    stream is tokenized once into a memory-mapped file in `cache` (the run's work directory), so the
+    corpus is bounded by disk, not memory."""
     tc = recipe.train
     cfg = TrainConfig.from_section(tc, recipe.seed)
-    need = cfg.tokens
+    cache.mkdir(parents=True, exist_ok=True)
     tokens, heldout = train_and_heldout(
-        tok, tc.data or recipe.calibration.data, min(need, 50_000_000), tc.val_samples, tc.seq_len
+        tok, tc.data or recipe.calibration.data, cfg.tokens, tc.val_samples, tc.seq_len, cache
     )
     if tokens.numel() < cfg.batch_size * cfg.seq_len + 1:
         raise UsageError(

@@ -102,9 +102,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def sample_batch(tokens: torch.Tensor, batch: int, seq_len: int, g: torch.Generator) -> torch.Tensor:
-    """(batch, seq_len) random windows of a 1-D token stream."""
+    """(batch, seq_len) random windows of a 1-D token stream (in memory or a memory-mapped token file)."""
     starts = torch.randint(0, tokens.numel() - seq_len, (batch,), generator=g)
-    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()]).long()
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
