@@ -44,8 +44,9 @@ def test_taylor_head_scores_match_autograd(tmp_path, tokenizer_dir):
     )
 
     want = torch.zeros(dims.num_layers, dims.num_heads, dtype=torch.float64)
+    acts: list[torch.Tensor] = []
     for b in (seqs[:2], seqs[2:]):
-        acts = []
+        acts.clear()
         hooks = [
             layer.self_attn.o_proj.register_forward_pre_hook(
                 lambda _m, a: acts.append(a[0].retain_grad() or a[0])
