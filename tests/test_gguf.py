@@ -115,6 +115,8 @@ def test_convert_gguf_end_to_end(tmp_path, monkeypatch, tokenizer_dir, calib_fil
         want = _reference(model_dir, {k: v.bfloat16().float() for k, v in state.items()})(ids).logits
         assert torch.allclose(elastic(ids).logits, want, atol=1e-3, rtol=1e-3)
     assert json.loads((tmp_path / "flex-project.json").read_text())  # recorded for `flex extract`
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # every file with the usual mode (none left 0600)
 
 
 def test_gguf_dtype_and_directory_source(tmp_path, tokenizer_dir):
@@ -155,3 +157,35 @@ def test_bad_gguf_files(tmp_path, monkeypatch, tokenizer_dir, calib_file):
     for n in ("a.gguf", "b.gguf"):
         (tmp_path / "two" / n).write_bytes(data)
     _fails_cleanly(tmp_path, monkeypatch, tmp_path / "two", "a.gguf, b.gguf", calib_file)
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_speaks():
+    """The real file of `make bench-real` (skipped until that has fetched it): greedy decoding of the
+    converted source answers the capital of France."""
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ.get("FLEX_CACHE", Path.home() / ".cache" / "flexcli")).expanduser()
+    path = cache / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} not fetched (make bench-real fetches it)")
+    src = open_source(path, gguf_dtype="float32")
+    assert (src.dims.num_layers, src.dims.num_heads, src.dims.num_kv_heads) == (30, 9, 3)
+    tok, model = src.tokenizer(), src.load_model(torch.device("cpu"), "float32")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1] :]).startswith(" Paris")
+
+
+def test_eval_reads_a_gguf_file(tmp_path, tokenizer_dir):
+    """`flex eval m.gguf` scores the dequantized weights exactly as transformers scores them."""
+    from flexcli.commands.evaluate import EvalOptions, evaluate
+    from flexcli.elastic.evaluate import mean_loss
+    from flexcli.train.data import STDLIB, load_sequences
+
+    model_dir = make_model(tmp_path / "hf", tokenizer_dir)
+    state = write_gguf(tmp_path / "m.gguf", model_dir, "Q4_0")
+    res = evaluate(tmp_path / "m.gguf", EvalOptions(samples=2, seq_len=32))
+    seqs = load_sequences(AutoTokenizer.from_pretrained(tokenizer_dir), STDLIB, 2, 32, "heldout")
+    assert res.rows[0].loss == pytest.approx(mean_loss(_reference(model_dir, state), seqs), rel=1e-6)

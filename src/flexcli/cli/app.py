@@ -100,7 +100,7 @@ RegimeOpt = Annotated[
 # fmt: off
 @app.command()
 def convert(
-    model: Annotated[str, typer.Argument(help="Local HF model directory, a recipe name (llama-2-7b) or a hub id.")],
+    model: Annotated[str, typer.Argument(help="Local HF model directory, GGUF file, recipe name (llama-2-7b) or hub id.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output directory [default: ./NAME-elastic].")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML (see recipes/).")] = None,
     calib: Annotated[str | None, typer.Option("--calib", help="Calibration text: file, directory, JSONL (text field) or 'stdlib'.")] = None,
@@ -265,7 +265,7 @@ def extract(
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[Path, typer.Argument(help="A model directory (extracted, source, or elastic).")],
+    model: Annotated[Path, typer.Argument(help="A model directory (extracted, source, or elastic) or a GGUF file.")],
     data: Annotated[str, typer.Option("--data", help="Text: file, directory, JSONL (text field) or 'stdlib' (held-out split).")] = "stdlib",
     budget: Annotated[str | None, typer.Option("--budget", help="Elastic checkpoints: budgets to evaluate (as for extract).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Elastic checkpoints: a JSON per-layer configuration.")] = None,

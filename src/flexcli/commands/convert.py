@@ -27,7 +27,7 @@ from ..errors import RuntimeFailure, UsageError
 from ..io import layout
 from ..io.atomic import atomic_dir, check_output
 from ..io.project import record
-from ..io.safetensors import write_model
+from ..io.safetensors import TORCH_TO_ST, write_model
 from ..io.source import Source, open_source
 from ..progress import Reporter
 from ..recipe import Recipe, find_builtin, load_recipe, validate
@@ -279,12 +279,14 @@ def _write(
     verbatim, importance, reports, and the manifest last (its presence marks a complete checkpoint)."""
     src = job.src
     with atomic_dir(job.out, o.force) as tmp, rep.task("writing elastic checkpoint"):
-        if train_report is not None:  # the trained weights
+        specs = src.tensor_specs()
+        if train_report is not None:  # the trained weights, in the source's stored dtypes
             state = hf.state_dict()
-            stream = ((n, state[n].to(t.dtype)) for n, t in src.iter_tensors())
+            to_torch = {v: k for k, v in TORCH_TO_ST.items()}
+            stream = ((n, state[n].to(to_torch[dt])) for n, dt, _ in specs)
         else:  # the source's own tensors, permuted (bit-identical otherwise)
             stream = ((n, permute_tensor(n, t, src.arch, src.dims, perms)) for n, t in src.iter_tensors())
-        files = write_model(tmp, src.tensor_specs(), stream, o.max_shard_bytes)
+        files = write_model(tmp, specs, stream, o.max_shard_bytes)
         src.write_metadata(tmp)
         layout.write_importance(tmp / layout.IMPORTANCE, scores, perms)
         stages: dict[str, Any] = {

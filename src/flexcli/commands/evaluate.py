@@ -14,6 +14,7 @@ from ..elastic.evaluate import mean_loss
 from ..elastic.runtime import load_elastic
 from ..errors import UsageError
 from ..io import layout
+from ..io.gguf import GGUFSource, find_gguf
 from ..io.source import SourceModel, load_tokenizer
 from ..plan.search import Request, optional_table, param_counter, resolve_targets
 from ..progress import Reporter
@@ -55,21 +56,26 @@ def evaluate(path: Path, options: EvalOptions, reporter: Reporter | None = None)
 
     rep = reporter or Reporter()
     o = options
-    if not Path(path).is_dir():
+    gguf = find_gguf(Path(path)) if Path(path).exists() else None
+    if gguf is None and not Path(path).is_dir():
         raise UsageError(f"model path {path} does not exist")
     register_auto_classes()
-    tok = load_tokenizer(Path(path))
+    src = GGUFSource.open(gguf, "float32") if gguf is not None else None
+    tok = src.tokenizer() if src is not None else load_tokenizer(Path(path))
     seqs = load_sequences(tok, o.data, o.samples, o.seq_len, "heldout" if o.data == STDLIB else "train")
     res = EvalResult(str(path), o.data, int(seqs.numel()))
-    if not layout.is_elastic(path):
+    if src is not None or not layout.is_elastic(path):
         if o.request is not None:
             raise UsageError(
                 f"{path} is not an elastic checkpoint; budgets and configurations need one", option="budget"
             )
         with rep.task("evaluating"):
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=torch.float32, local_files_only=True
-            ).eval()
+            if src is not None:  # a GGUF file, dequantized
+                model = src.load_model(torch.device("cpu"), "float32").eval()
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, dtype=torch.float32, local_files_only=True
+                ).eval()
             loss = mean_loss(model, seqs)
         res.rows.append(
             EvalRow(

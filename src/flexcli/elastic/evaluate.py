@@ -29,9 +29,11 @@ def mean_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int = 8, precisi
         ):
             for b in range(0, seqs.shape[0], batch_size):
                 x = seqs[b : b + batch_size].to(device)
-                logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (batch, seq-1, vocab)
+                logits = model(input_ids=x, use_cache=False).logits  # (batch, seq, vocab)
+                # next-token targets, the last position ignored: no copy of the sliced logits
+                target = torch.cat([x[:, 1:], torch.full_like(x[:, :1], -100)], dim=1)
                 total += nn.functional.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
+                    logits.flatten(0, 1).float(), target.flatten(), reduction="sum", ignore_index=-100
                 )
     finally:
         model.train(was)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..arch.spec import ElasticSpec
 from ..errors import UsageError
@@ -103,7 +103,8 @@ def write_importance(
         if scores is not None:
             for unit, s in scores[i].items():
                 tensors[f"layers.{i}.{unit}_score"] = s.contiguous()
-    save_file(tensors, str(path), metadata={"note": "scores in source order; perm[new] = old unit id"})
+    # bytes through atomic_write: the usual file mode (safetensors' save_file creates files 0600)
+    atomic_write(path, save(tensors, metadata={"note": "scores in source order; perm[new] = old unit id"}))
 
 
 def read_importance(
@@ -160,7 +161,7 @@ def router_writers(tensors: dict[str, torch.Tensor], doc: dict[str, Any]):
     """Writers for io.atomic.update_dir: the tensors first, then the metadata with their hash."""
 
     def write_tensors(dest: Path) -> None:
-        save_file(tensors, str(dest))
+        dest.write_bytes(save(tensors))  # not save_file, which creates files 0600
 
     def write_doc(dest: Path) -> None:
         sha = hashlib.sha256((dest.parent / ROUTERS_TENSORS).read_bytes()).hexdigest()
