@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import ppl
 
-from flexcli.elastic.evaluate import mean_loss
 from flexcli.elastic.importance import compute_importance, random_scores
 from flexcli.io.source import open_source
 from flexcli.train.data import PYDOC, STDLIB, load_sequences
@@ -87,10 +86,7 @@ def head_rows(
     scores["random"] = [x["qhead"] for x in random_scores(dims, seed)]
     mask = HeadMask(model, arch, dims)
 
-    def ppl() -> dict[str, float]:
-        return {c: round(math.exp(mean_loss(model, seqs)), 3) for c, seqs in corpora.items()}
-
-    rows = [{"rule": "full", "score": "-", "heads": dims.num_heads, **ppl()}]
+    rows = [{"rule": "full", "score": "-", "heads": dims.num_heads, **ppl(model, corpora)}]
     g = dims.group_size
     widths = [k for k in range(dims.num_heads - 1, 0, -1) if k % g == 0 and k % dims.num_kv_heads == 0]
     try:
@@ -104,7 +100,7 @@ def head_rows(
                         m = torch.zeros(dims.num_heads)
                         m[kept_heads(layer_scores, k, dims.num_kv_heads, rule)] = 1
                         mask.masks.append(m)
-                    rows.append({"rule": rule, "score": score_name, "heads": k, **ppl()})
+                    rows.append({"rule": rule, "score": score_name, "heads": k, **ppl(model, corpora)})
                     print(json.dumps(rows[-1]), file=sys.stderr)
     finally:
         mask.remove()

