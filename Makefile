@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-dist test-slow bench bench-real bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -18,6 +18,19 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# llama.cpp through llama-cpp-python (an sdist: builds llama.cpp with cmake and a C++ compiler, about
+# 10 minutes on 2 cores, once; pip keeps the built wheel in its cache).
+LLAMACPP_STAMP := $(VENV)/.llamacpp
+install-llamacpp: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,llamacpp]'
+	touch $(LLAMACPP_STAMP)
+
+# The llama.cpp tier: exported GGUF files run in a real llama.cpp (kept out of `make test`).
+test-llamacpp: install-llamacpp
+	$(BIN)/python -m pytest -q -m llamacpp
 
 test-dist: install
 	$(BIN)/python -m pytest -q -m dist

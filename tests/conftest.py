@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -107,3 +108,44 @@ def flex_cmd() -> list[str]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def small_elastic(tmp_path, tokenizer_dir, calib_file, family="mistral", heads=8, kv=2, tied=False):
+    """A converted 3-layer elastic checkpoint of `family` with a synthetic latency table."""
+    from flexcli.arch.spec import ElasticSpec
+    from flexcli.commands.convert import ConvertOptions, convert
+    from flexcli.latency.table import LatencyTable, Regime, save_table
+
+    src = make_model(
+        tmp_path / "src", tokenizer_dir, family, heads, kv, tied=tied, hidden=64, layers=3, inter=128
+    )
+    el = Path(
+        convert(
+            str(src),
+            ConvertOptions(
+                calib=str(calib_file), calib_samples=2, seq_len=32, device="cpu", output=tmp_path / "el"
+            ),
+        ).output
+    )
+    spec = ElasticSpec.from_dict(json.loads((el / "flex_elastic.json").read_text())["spec"])
+    mlp, heads_ = spec.layers[0].mlp, spec.layers[0].heads
+    table = LatencyTable(
+        Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0),
+        {},
+        0.2,
+        [mlp] * 3,
+        [heads_] * 3,
+        [[[0.01 * m / 16 + 0.1 * h for h in heads_] for m in mlp]] * 3,
+    )
+    save_table(el, table)
+    return el, spec, table
+
+
+def reference_logits(el: Path, cfg) -> torch.Tensor:
+    """The elastic model's logits at `cfg` on a fixed random (2, 24) batch."""
+    from flexcli.elastic.runtime import load_elastic
+
+    e = load_elastic(el)
+    x = torch.randint(0, e.spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), e.configured(cfg):
+        return e(input_ids=x).logits

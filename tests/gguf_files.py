@@ -145,3 +145,21 @@ def _add_tokenizer(w, model_dir: Path) -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     w.add_bos_token_id(cfg["bos_token_id"])
     w.add_eos_token_id(cfg["eos_token_id"])
+
+
+def converted_gguf(tmp_path: Path, tokenizer_dir: Path, calib_file: Path, qtype: str) -> Path:
+    """A tiny Llama written as a GGUF (tmp_path/m.gguf) and converted by the CLI into tmp_path/el."""
+    from conftest import make_model
+    from typer.testing import CliRunner
+
+    from flexcli.cli import app
+
+    src = make_model(tmp_path / "hf", tokenizer_dir, "llama", heads=4, kv=2)
+    write_gguf(tmp_path / "m.gguf", src, qtype)
+    r = CliRunner().invoke(
+        app,
+        ["convert", str(tmp_path / "m.gguf"), "-o", str(tmp_path / "el"), "--calib", str(calib_file),
+         "--calib-samples", "2", "--seq-len", "32"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return tmp_path / "el"

@@ -10,14 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, rel_err
+from conftest import reference_logits, rel_err, small_elastic
 from typer.testing import CliRunner
 
-from flexcli.arch.spec import ElasticSpec, config_from_json
+from flexcli.arch.spec import config_from_json
 from flexcli.cli import app
-from flexcli.commands.convert import ConvertOptions, convert
-from flexcli.elastic.runtime import load_elastic
-from flexcli.latency.table import LatencyTable, Regime, save_table
 
 runner = CliRunner()
 
@@ -35,39 +32,6 @@ print(json.dumps({"class": type(m).__name__, "params": sum(p.numel() for p in m.
 """
 
 
-def _elastic(tmp_path, tokenizer_dir, calib_file, family="mistral", heads=8, kv=2, tied=False):
-    src = make_model(
-        tmp_path / "src", tokenizer_dir, family, heads, kv, tied=tied, hidden=64, layers=3, inter=128
-    )
-    el = Path(
-        convert(
-            str(src),
-            ConvertOptions(
-                calib=str(calib_file), calib_samples=2, seq_len=32, device="cpu", output=tmp_path / "el"
-            ),
-        ).output
-    )
-    spec = ElasticSpec.from_dict(json.loads((el / "flex_elastic.json").read_text())["spec"])
-    mlp, heads_ = spec.layers[0].mlp, spec.layers[0].heads
-    table = LatencyTable(
-        Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0),
-        {},
-        0.2,
-        [mlp] * 3,
-        [heads_] * 3,
-        [[[0.01 * m / 16 + 0.1 * h for h in heads_] for m in mlp]] * 3,
-    )
-    save_table(el, table)
-    return el, spec, table
-
-
-def _reference(el: Path, cfg) -> torch.Tensor:
-    e = load_elastic(el)
-    x = torch.randint(0, e.spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), e.configured(cfg):
-        return e(input_ids=x).logits
-
-
 def _fresh(sub: Path, remote: bool, tmp_path) -> tuple[dict, torch.Tensor]:
     out = tmp_path / "logits.pt"
     p = subprocess.run(
@@ -83,7 +47,7 @@ def _fresh(sub: Path, remote: bool, tmp_path) -> tuple[dict, torch.Tensor]:
     "family,heads,kv,tied", [("mistral", 8, 2, False), ("qwen2", 4, 4, True), ("llama", 8, 4, False)]
 )
 def test_uniform_extract_is_stock_and_matches(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied):
-    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied)
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied)
     res = runner.invoke(
         app, ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"), "--json"]
     )
@@ -94,12 +58,12 @@ def test_uniform_extract_is_stock_and_matches(tmp_path, tokenizer_dir, calib_fil
     info, logits = _fresh(tmp_path / "sub", False, tmp_path)
     assert info["class"].endswith("ForCausalLM") and not info["class"].startswith("Flex")
     assert info["params"] == m["params"]  # counted from the tensors written (biases and tying included)
-    assert rel_err(logits, _reference(el, cfg)) <= 1e-5
+    assert rel_err(logits, reference_logits(el, cfg)) <= 1e-5
     assert m["verified_max_rel_err"] <= 1e-5 and m["measured_latency_ms"] is None  # synthetic-regime table
 
 
 def test_per_layer_extract_needs_remote_code_or_flexcli(tmp_path, tokenizer_dir, calib_file):
-    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "mistral", 8, 2)
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "mistral", 8, 2)
     cfg = [
         (spec.layers[0].mlp[0], spec.layers[0].heads[-1]),
         (spec.layers[1].mlp[-1], spec.layers[1].heads[0]),
@@ -114,7 +78,7 @@ def test_per_layer_extract_needs_remote_code_or_flexcli(tmp_path, tokenizer_dir,
     m = json.loads(res.stdout)["models"][0]
     assert m["format"] == "flex" and m["needs_remote_code"] is True
     assert (tmp_path / "sub" / "modeling_flexcli.py").exists()
-    want = _reference(el, cfg)
+    want = reference_logits(el, cfg)
     info, logits = _fresh(tmp_path / "sub", True, tmp_path)  # trust_remote_code, no flexcli import
     assert info["class"] == "FlexMistralForCausalLM" and info["params"] == m["params"]
     assert rel_err(logits, want) <= 1e-5
@@ -131,7 +95,7 @@ def test_per_layer_extract_needs_remote_code_or_flexcli(tmp_path, tokenizer_dir,
 
 
 def test_budgets_search_edges_and_many(tmp_path, tokenizer_dir, calib_file, monkeypatch):
-    el, spec, table = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
+    el, spec, table = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
     monkeypatch.chdir(tmp_path)
     res = runner.invoke(
         app,
@@ -175,7 +139,7 @@ def test_budgets_search_edges_and_many(tmp_path, tokenizer_dir, calib_file, monk
 
 def test_defaults_from_project_file_and_eval(tmp_path, tokenizer_dir, calib_file, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    el, spec, table = _elastic(
+    el, spec, table = small_elastic(
         tmp_path, tokenizer_dir, calib_file, "llama", 4, 4
     )  # records ./flex-project.json
     res = runner.invoke(
@@ -211,7 +175,7 @@ def test_defaults_from_project_file_and_eval(tmp_path, tokenizer_dir, calib_file
 
 
 def test_dry_run_plan_matches_real_output(tmp_path, tokenizer_dir, calib_file):
-    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "qwen2", 8, 2)
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "qwen2", 8, 2)
     args = [
         "extract",
         str(el),
@@ -238,7 +202,7 @@ def test_dry_run_plan_matches_real_output(tmp_path, tokenizer_dir, calib_file):
 def test_uniform_head_count_llama_config_rejects_goes_flex(tmp_path, tokenizer_dir, calib_file):
     """transformers' LlamaConfig refuses hidden_size % heads != 0 even with an explicit head_dim (6 of 8 heads
     at hidden 64, like 24 of 32 on Llama-2-7B): auto writes the flex format, --format stock says why."""
-    el, spec, _ = _elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
     args = ["extract", str(el), "--uniform", "mlp=0.5,heads=0.75", "-o", str(tmp_path / "sub")]
     res = runner.invoke(app, [*args, "--format", "stock"])
     assert res.exit_code == 2 and "transformers rejects" in res.stderr and "--format" in res.stderr
@@ -249,7 +213,7 @@ def test_uniform_head_count_llama_config_rejects_goes_flex(tmp_path, tokenizer_d
     assert m["format"] == "flex" and {c["heads"] for c in m["config"]} == {6}
     info, logits = _fresh(tmp_path / "sub", True, tmp_path)
     assert info["class"] == "FlexLlamaForCausalLM" and info["params"] == m["params"]
-    assert rel_err(logits, _reference(el, config_from_json(m["config"]))) <= 1e-5
+    assert rel_err(logits, reference_logits(el, config_from_json(m["config"]))) <= 1e-5
     # the same architecture trained from scratch (`flex pretrain --like`) saves and reloads in the flex format
     res = runner.invoke(
         app,

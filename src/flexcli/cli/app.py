@@ -234,15 +234,16 @@ UniformOpt = Annotated[
 @app.command()
 def extract(
     elastic: ElasticArg = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output directory [default: ./NAME-BUDGET]; with several budgets, the parent of one directory per budget.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output directory (gguf: file) [default: ./NAME-BUDGET, gguf: ./NAME-BUDGET.gguf]; with several budgets, the parent of one per budget.")] = None,
     force: ForceOpt = False,
     budget: BudgetOpt = None,
     config: ConfigOpt = None,
     uniform: UniformOpt = None,
     regime: RegimeOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, stock (uniform only) or flex (per-layer sizes).")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="auto, stock (uniform only), flex (per-layer sizes, transformers with remote code) or gguf (one llama.cpp file per budget: llama/qwen2 when uniform, deci otherwise).")] = "auto",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: f32, f16, bf16 or q8_0.")] = "f16",
     max_shard_size: MaxShardOpt = "5GB",
-    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Check logits against the elastic model and measure latency [default: on when the model fits comfortably in RAM].")] = None,
+    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Check logits against the elastic model (gguf: in llama.cpp, when llama-cpp-python is installed) and measure latency [default: on when the model fits comfortably in RAM].")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: configuration, shapes, shards and output size from the headers; write nothing.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -260,7 +261,7 @@ def extract(
         o = options(ExtractOptions, params, request=req, max_shard_bytes=parse_size(max_shard_size))
         return do_extract(_elastic_arg(elastic), o, rep)
 
-    run(work, as_json, render.extract_result, {"fmt": "--format", "output": "-o/--output"})
+    run(work, as_json, render.extract_result, {"fmt": "--format", "output": "-o/--output", "gguf_type": "--gguf-type"})
 
 
 @app.command("eval")

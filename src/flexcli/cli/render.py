@@ -280,7 +280,9 @@ def extract_result(r) -> None:
     rows = [
         [
             m.budget or "-",
-            m.format + (" (remote code)" if m.needs_remote_code else ""),
+            m.format
+            + (" (remote code)" if m.needs_remote_code else "")
+            + (f" ({m.gguf_arch}, {m.gguf_type})" if m.gguf_arch else ""),
             " ".join(f"{c['mlp']}/{c['heads']}" for c in m.config),
             f"{m.params / 1e6:.2f}M",
             _ms(m.predicted_latency_ms),
@@ -289,6 +291,13 @@ def extract_result(r) -> None:
         ]
         for m in r.models
     ]
+    for m in r.models:
+        if m.verify_note:
+            typer.echo(f"{m.output}: not verified: {m.verify_note}")
+        elif m.top1_agreement is not None:
+            typer.echo(
+                f"{m.output}: {m.verified_in}: top-1 agreement {m.top1_agreement:.1%}, max relative logit error {m.verified_max_rel_err:.1e}"
+            )
     table(
         "extracted",
         ["budget", "format", "mlp/heads per layer", "params", "predicted ms", "measured ms", "chosen by"],

@@ -1,7 +1,9 @@
 """`flex extract`: cut standalone sub-models out of an elastic checkpoint, streamed out-of-core.
 
-plan (budget -> configuration, plan.search) -> streaming slicer (elastic.slicing) -> the one writer
-(io.safetensors) into a temporary sibling -> verification against the elastic model -> atomic commit.
+plan (budget -> configuration, plan.search) -> streaming slicer (elastic.slicing) -> a writer
+(io.safetensors for a transformers directory, io.gguf_export for one llama.cpp file) into a temporary
+sibling -> verification against the elastic model (in transformers, or in llama.cpp for GGUF) ->
+atomic commit.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..arch.spec import Config, ElasticSpec, config_to_json
@@ -21,7 +24,8 @@ from ..elastic.runtime import load_elastic
 from ..elastic.slicing import planned_specs, stream_sliced
 from ..errors import RuntimeFailure, UsageError
 from ..io import layout
-from ..io.atomic import atomic_dir, check_output, copy_files
+from ..io.atomic import atomic_dir, atomic_file, check_output, copy_files
+from ..io.gguf_export import GGUF_TYPES, check_tokenizer, plan_gguf, write_gguf
 from ..io.safetensors import ShardPlan, write_model
 from ..io.source import SourceModel
 from ..io.submodel import hf_config_for, modeling_source
@@ -31,7 +35,8 @@ from ..plan.search import Request, Target, optional_table, param_counter, resolv
 from ..progress import Reporter
 from ..router.store import load_router
 
-FORMATS = ("auto", "stock", "flex")
+FORMATS = ("auto", "stock", "flex", "gguf")
+GGUF_MIN_AGREEMENT = 0.99  # top-1 agreement llama.cpp must reach with the sub-model for f32 / f16 files
 
 
 @dataclass(kw_only=True)
@@ -39,7 +44,8 @@ class ExtractOptions:
     request: Request  # budgets, an explicit configuration, or uniform fractions
     output: Path | None = None  # default ./NAME-BUDGET; with several budgets the parent of one dir each
     regime: str | None = None  # latency-table regime key (or a unique part of it); None: the newest
-    fmt: str = "auto"  # auto | stock (uniform only) | flex (per-layer sizes)
+    fmt: str = "auto"  # auto | stock (uniform only) | flex (per-layer sizes) | gguf (llama.cpp)
+    gguf_type: str = "f16"  # gguf: f32 | f16 | bf16 | q8_0
     max_shard_bytes: int = 5 * 10**9
     verify: bool | None = None  # None: when the model fits comfortably in RAM
     dry_run: bool = False  # plan only: shapes, shards and sizes from the headers
@@ -62,6 +68,11 @@ class SubModel:
     regime: str | None = None
     planned_bytes: int | None = None  # total size of the output weight files
     planned_files: list[str] | None = None
+    gguf_arch: str | None = None  # gguf: llama.cpp architecture (llama / qwen2 when uniform, else deci)
+    gguf_type: str | None = None
+    verified_in: str | None = None  # the runtime the logits were compared in; None: not verified
+    verify_note: str | None = None  # why not, when verification was asked for but could not run
+    top1_agreement: float | None = None  # gguf: share of positions where llama.cpp's argmax matches
 
 
 @dataclass
@@ -77,22 +88,27 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
     o = options
     t0 = time.time()
     if o.fmt not in FORMATS:
-        raise UsageError(f"format must be auto, stock or flex, got {o.fmt!r}", option="fmt")
+        raise UsageError(f"format must be auto, stock, flex or gguf, got {o.fmt!r}", option="fmt")
+    if o.fmt == "gguf" and o.gguf_type not in GGUF_TYPES:
+        raise UsageError(f"must be one of {', '.join(GGUF_TYPES)}, got {o.gguf_type!r}", option="gguf_type")
     spec = layout.read_spec(elastic)
     src = SourceModel.open(elastic)
     table = optional_table(elastic, o.regime)
     wants_router = o.request.budgets is not None and any(b.kind != "params" for b in o.request.budgets)
     router = load_router(elastic, "static") if wants_router else None
     targets = resolve_targets(elastic, spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
-    outs = _outputs(elastic, o.output, targets)
+    outs = _outputs(elastic, o.output, targets, ".gguf" if o.fmt == "gguf" else "")
+    if o.fmt == "gguf":
+        check_tokenizer(elastic, spec.dims.vocab_size)
     res = ExtractResult(str(elastic))
     if o.dry_run:  # shapes, shards and sizes from the headers alone; nothing is read or written
         res.models = [_planned(src, spec, t, out, table, o) for t, out in zip(targets, outs)]
     else:
-        _check_outputs(outs, many=len(targets) > 1, force=o.force)
+        _check_outputs(outs, many=len(targets) > 1, force=o.force, files=o.fmt == "gguf")
         verify = o.verify if o.verify is not None else _fits_in_ram(spec, src.config)
+        write = _write_gguf if o.fmt == "gguf" else _write
         res.models = [
-            _write(elastic, src, spec, t, out, table, o, verify, rep) for t, out in zip(targets, outs)
+            write(elastic, src, spec, t, out, table, o, verify, rep) for t, out in zip(targets, outs)
         ]
     res.seconds = round(time.time() - t0, 3 if o.dry_run else 2)
     return res
@@ -102,21 +118,23 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "", label.replace("%", "pct")) or "sub"
 
 
-def _outputs(elastic: Path, out: Path | None, targets: list[Target]) -> list[Path]:
+def _outputs(elastic: Path, out: Path | None, targets: list[Target], suffix: str = "") -> list[Path]:
+    """One output per target: ./NAME-LABEL[SUFFIX], or with several a directory of LABEL[SUFFIX] each."""
     many = len(targets) > 1
     stem = elastic.resolve().name.removesuffix("-elastic")
-    base = (out or Path.cwd() / f"{stem}-{'submodels' if many else _slug(targets[0].label)}").resolve()
-    return [base / _slug(t.label) for t in targets] if many else [base]
+    one = f"{stem}-{_slug(targets[0].label)}{suffix}"
+    base = (out or Path.cwd() / (f"{stem}-submodels" if many else one)).resolve()
+    return [base / f"{_slug(t.label)}{suffix}" for t in targets] if many else [base]
 
 
-def _check_outputs(outs: list[Path], many: bool, force: bool) -> None:
+def _check_outputs(outs: list[Path], many: bool, force: bool, files: bool = False) -> None:
     """Every output checked before the first is written; with several, their parent is created."""
     base = outs[0].parent if many else outs[0]
     if many and base.exists() and not base.is_dir():
         raise UsageError(f"output {base} exists and is not a directory", option="output")
     for o in outs:
         if o.parent.exists():
-            check_output(o, force)
+            check_output(o, force, file=files)
     if many:
         base.mkdir(parents=True, exist_ok=True)
 
@@ -145,6 +163,12 @@ def _record(t: Target, out: Path, kind: str, n_params: int, table: LatencyTable 
 def _planned(
     src: SourceModel, spec: ElasticSpec, t: Target, out: Path, table: LatencyTable | None, o: ExtractOptions
 ) -> SubModel:
+    if o.fmt == "gguf":
+        gp = plan_gguf(spec.family, src.config, spec, t.cfg, planned_specs(src, spec, t.cfg), o.gguf_type)
+        sm = _record(t, out, "gguf", sum(math.prod(s) for _, _, s, _ in gp.tensors), table)
+        sm.planned_bytes, sm.planned_files = gp.nbytes, [out.name]
+        sm.gguf_arch, sm.gguf_type = gp.arch, o.gguf_type
+        return sm
     plan = ShardPlan.make(planned_specs(src, spec, t.cfg), o.max_shard_bytes)
     kind = hf_config_for(src.config, spec, t.cfg, o.fmt)[1]
     n = sum(math.prod(v["shape"]) for h in plan.headers for k, v in h.items() if k != "__metadata__")
@@ -206,7 +230,88 @@ def _write(
             sm.verified_max_rel_err, sm.measured_latency_ms = verify_submodel(
                 elastic, tmp, spec, t.cfg, table, rep
             )
+            sm.verified_in = "transformers"
     return sm
+
+
+def _write_gguf(
+    elastic: Path,
+    src: SourceModel,
+    spec: ElasticSpec,
+    t: Target,
+    out: Path,
+    table: LatencyTable | None,
+    o: ExtractOptions,
+    verify: bool,
+    rep: Reporter,
+) -> SubModel:
+    """One llama.cpp file: planned from the headers, streamed, verified in llama.cpp, then committed."""
+    from .. import llamacpp
+
+    plan = plan_gguf(spec.family, src.config, spec, t.cfg, planned_specs(src, spec, t.cfg), o.gguf_type)
+    with (
+        atomic_file(out, o.force) as tmp,
+        rep.task(f"extracting {t.label} -> {out.name} ({plan.arch}, {o.gguf_type})"),
+    ):
+        sm = _record(t, out, "gguf", 0, table)
+        provenance = {
+            "source": str(elastic.resolve()),
+            "config": sm.config,
+            "method": t.method,
+            "budget": sm.budget,
+        }
+        sm.params = write_gguf(
+            tmp,
+            plan,
+            stream_sliced(src, spec, t.cfg),
+            src.config,
+            spec,
+            t.cfg,
+            o.gguf_type,
+            elastic,
+            f"{elastic.resolve().name.removesuffix('-elastic')} {t.label}",
+            provenance,
+        )
+        sm.gguf_arch, sm.gguf_type = plan.arch, o.gguf_type
+        if verify:  # before the commit, as for the other formats
+            if (why := llamacpp.missing()) is not None:
+                sm.verify_note = why
+            else:
+                sm.top1_agreement, sm.verified_max_rel_err = verify_gguf(
+                    elastic, tmp, spec, t.cfg, o.gguf_type, rep
+                )
+                sm.verified_in = llamacpp.version()
+    return sm
+
+
+def verify_gguf(
+    elastic: Path, gguf: Path, spec: ElasticSpec, cfg: Config, gguf_type: str, rep: Reporter
+) -> tuple[float, float]:
+    """(top-1 agreement, max relative logit error) of llama.cpp running `gguf` against the elastic model
+    at `cfg`, on held-out stdlib text; f32 / f16 files below GGUF_MIN_AGREEMENT fail (nothing is kept)."""
+    from transformers import AutoTokenizer
+
+    from .. import llamacpp
+    from ..train.data import load_sequences
+
+    with rep.task("verifying in llama.cpp"), torch.no_grad():
+        tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
+        seqs = load_sequences(tok, "stdlib", 4, 64, "heldout")  # (4, 64)
+        el = load_elastic(elastic)
+        with el.configured(cfg):
+            want = el(input_ids=seqs).logits.float().numpy()  # (4, 64, vocab)
+        del el
+        with llamacpp.Model(gguf, n_ctx=seqs.shape[1], threads=None, logits=True) as m:
+            got = np.stack([m.logits(s.tolist()) for s in seqs])
+    top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    if gguf_type in ("f32", "f16") and top1 < GGUF_MIN_AGREEMENT:
+        raise RuntimeFailure(
+            f"verification failed: llama.cpp's top-1 token agrees with the sub-model on {top1:.1%} of "
+            f"{got.shape[0] * got.shape[1]} held-out positions (need {GGUF_MIN_AGREEMENT:.0%}; max relative "
+            f"logit error {err:.2e}); nothing was written"
+        )
+    return top1, err
 
 
 def verify_submodel(

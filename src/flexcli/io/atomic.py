@@ -1,7 +1,8 @@
 """Atomic commits: every file and directory flexcli writes appears whole or not at all.
 
 One primitive, :func:`commit`: fsync what was written into a temporary sibling, then swap it into place
-with renames. On top of it: :func:`atomic_dir` (a new output directory), :func:`update_dir` (replace some
+with renames. On top of it: :func:`atomic_dir` (a new output directory), :func:`atomic_file` (a new
+output file), :func:`update_dir` (replace some
 files of an existing directory in one step) and :func:`atomic_write` (one file). Temporary siblings are
 named ``.NAME.flex-tmp-PID`` so a later run can remove the ones whose process is gone.
 """
@@ -80,12 +81,13 @@ def commit(tmp: Path, final: Path) -> None:
     _fsync_path(final.parent)
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Fail early (before heavy work) when OUT exists and replacing it was not asked for."""
+def check_output(out: Path, force: bool, file: bool = False) -> None:
+    """Fail early (before heavy work) when OUT exists and replacing it was not asked for (OUT is a
+    directory, or with `file` a single file)."""
     if out.exists() and not force:
         raise UsageError(f"output {out} already exists; pass {{flag:force=True}} to replace it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
+    if out.exists() and out.is_dir() == file:
+        raise UsageError(f"output {out} exists and is {'a directory' if file else 'not a directory'}")
     if not out.parent.exists():
         raise UsageError(f"parent directory of output {out} does not exist")
 
@@ -104,6 +106,22 @@ def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
         commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling file path to write; on success commit it as `out`."""
+    out = out.resolve()
+    check_output(out, force, file=True)
+    clean_stale_siblings(out)
+    tmp = sibling(out)
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+        commit(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

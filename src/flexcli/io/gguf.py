@@ -164,13 +164,18 @@ class GGUFSource:
         return model.to(device)
 
     def write_metadata(self, dst: Path) -> None:
-        """config.json, generation_config.json and the tokenizer files of the equivalent HF directory."""
+        """config.json, generation_config.json and the tokenizer files of the equivalent HF directory;
+        and the file's own tokenizer block, which a GGUF export embeds verbatim (transformers' rebuilt
+        tokenizer is close, not always exact: SmolLM2's digit splitting is lost, for one)."""
         from transformers import AutoConfig, GenerationConfig
+
+        from .gguf_export import save_tokenizer_block
 
         cfg = AutoConfig.for_model(**self.config)
         cfg.save_pretrained(dst)
         GenerationConfig.from_model_config(cfg).save_pretrained(dst)
         self.tokenizer().save_pretrained(dst)
+        save_tokenizer_block(self._reader, dst)
 
 
 def _hf_config(path: Path, dtype: str) -> tuple[Architecture, dict[str, Any]]:

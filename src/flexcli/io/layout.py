@@ -41,7 +41,8 @@ PRETRAIN = "flex_pretrain.json"
 MODELING = "modeling_flexcli.py"
 PROJECT = "flex-project.json"
 PROJECT_VERSION = 1
-ELASTIC_FILES = (ELASTIC, IMPORTANCE, TRAIN_REPORT, LATENCY, ROUTERS_JSON, ROUTERS_TENSORS)
+GGUF_TOKENIZER = "flex_gguf_tokenizer.gguf"  # a GGUF source's tokenizer.* keys, embedded by GGUF export
+ELASTIC_FILES = (ELASTIC, IMPORTANCE, TRAIN_REPORT, LATENCY, ROUTERS_JSON, ROUTERS_TENSORS, GGUF_TOKENIZER)
 PER_LAYER = (
     "flex_layers"  # config.json key of per-layer sub-models: [{intermediate_size, num_attention_heads, ...}]
 )
