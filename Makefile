@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -64,6 +64,12 @@ bench-kernels: install
 # per training run); pass BENCH_REAL_ARGS=--resume to continue an interrupted run.
 bench-real: install
 	$(BIN)/python bench/bench_real.py $(BENCH_REAL_ARGS)
+
+# llama.cpp as the serving runtime: decode tables measured in llama.cpp, static router vs uniform
+# sub-models at equal llama.cpp latency, on the demo model (make demo's) and SmolLM2 (make bench-real's,
+# built when missing) -> docs/results/llamacpp.{md,json}.
+bench-llamacpp: install-llamacpp
+	$(BIN)/python bench/bench_llamacpp.py $(BENCH_LLAMACPP_ARGS)
 
 demo: install
 	$(BIN)/python -m flexcli.demo

@@ -21,7 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "latency")
     ap.add_argument("--validate", type=int, default=20)
-    ap.add_argument("--correct", type=int, default=5)
+    ap.add_argument("--correct", type=int, default=8)
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

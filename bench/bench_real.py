@@ -267,7 +267,7 @@ def st_profile(c: Ctx) -> dict:
     from flexcli.commands.profile import profile
     from flexcli.latency.profile import ProfileOptions
 
-    o = ProfileOptions(seq_len=128, repeats=7, correct=3, validate=10, seed=c.a.seed)
+    o = ProfileOptions(seq_len=128, validate=10, seed=c.a.seed)
     return asdict(profile(c.path("flextron"), o, c.rep))
 
 

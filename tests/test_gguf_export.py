@@ -201,3 +201,14 @@ def test_bad_gguf_type_and_existing_output(tmp_path, tokenizer_dir, calib_file):
     )
     assert r.exit_code == 2 and "already exists" in r.stderr
     assert (tmp_path / "e.gguf").read_text() == "x"
+
+
+def test_llama_cpp_runtime_needs_llama_cpp_python(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    import flexcli.llamacpp
+
+    monkeypatch.setattr(flexcli.llamacpp, "missing", lambda: "llama-cpp-python is not installed; make it")
+    el, _, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
+    r = runner.invoke(app, ["profile", str(el), "--runtime", "llama.cpp"])
+    assert r.exit_code == 2 and "llama-cpp-python is not installed" in r.stderr
+    r = runner.invoke(app, ["profile", str(el), "--runtime", "onnx"])
+    assert r.exit_code == 2 and "--runtime" in r.stderr

@@ -20,7 +20,8 @@ from flexcli.latency.profile import validation_stats
 from flexcli.latency.table import LatencyTable, Regime, load_table
 
 runner = CliRunner()
-FAST = dict(repeats=3, warmup_s=0.0, max_spread=100.0)  # schema tests: no re-measurement
+# schema tests: no re-measurement, and a tiny model's noisy table is written anyway (refusal: test_noise.py)
+FAST = dict(repeats=3, rounds=2, warmup_s=0.0, max_spread=100.0, accept_noisy=True)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,7 @@ def test_profile_writes_versioned_table_and_validation(elastic):
     assert {k: v[k] for k in validation_stats(pred, meas)} == validation_stats(pred, meas)
     assert v["reference_drift"] == pytest.approx(max(refs) / min(refs) - 1)
     full = t.predict(t_full := [(m[0], h[0]) for m, h in zip(t.mlp, t.heads)], corrected=False)
-    cfgs = [[(x["mlp"], x["heads"]) for x in c["config"]] for c in v["configs"]]
-    assert v["drift_normalized"] == validation_stats(
-        [t.predict(c, corrected=False) for c in cfgs], [m * full / r for m, r in zip(meas, refs)]
-    )
+    assert v["drift_normalized"] == validation_stats(pred, [m * full / r for m, r in zip(meas, refs)])
     assert t_full == [(128, 4)] * 2
     # the correction: least squares on timings rescaled to the machine's speed at table time
     corr = t.header["correction"]["configs"]
@@ -123,6 +121,7 @@ def test_profile_cli_json(elastic, monkeypatch, tmp_path):
             "0",
             "--validate",
             "2",
+            "--accept-noisy",
             "--json",
         ],
     )

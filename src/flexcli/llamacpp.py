@@ -50,9 +50,10 @@ def default_threads() -> int:
 
 
 class Model:
-    """One GGUF loaded in llama.cpp with a context of `n_ctx` tokens. `logits` keeps every position's
-    logits (verification) and then also keeps the KV cache in f32 rather than llama.cpp's default f16, so
-    a comparison measures the file, not the cache; timing uses the defaults a server runs with."""
+    """One GGUF loaded in llama.cpp with a context of `n_ctx` tokens. `logits` (verification) keeps every
+    position's logits, the KV cache in f32 rather than llama.cpp's default f16 and attention off the
+    flash path (which rounds through f16), so a comparison measures the file, not the runtime's precision
+    choices; timing runs as a server does (f16 cache, flash attention)."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, logits: bool = False):
         require()
@@ -69,6 +70,9 @@ class Model:
                     n_threads=n,
                     n_threads_batch=n,
                     logits_all=logits,
+                    # timing: flash attention, as llama-server's default (auto) runs the CPU backend;
+                    # verification: the plain attention path, which computes in f32
+                    flash_attn=not logits,
                     verbose=False,
                     **({"type_k": GGML_TYPE_F32, "type_v": GGML_TYPE_F32} if logits else {}),
                 )

@@ -161,16 +161,23 @@ def pretrain(
 @app.command()
 def profile(
     elastic: ElasticArg = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="torch (transformers on --device) or llama.cpp (llama-cpp-python on this CPU; GGUF files as flex extract --format gguf writes them).")] = "torch",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16 (GPU).")] = "float32",
+    dtype: Annotated[str, typer.Option("--dtype", help="torch: float32, bfloat16 or float16 (GPU).")] = "float32",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="llama.cpp: weight type of the timed files (f32, f16, bf16, q8_0); extract with the same type.")] = "f16",
+    threads: Annotated[int | None, typer.Option("--threads", help="llama.cpp: threads [default: the CPUs this process may use].")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size B.")] = 1,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Prefill: tokens per sequence S.")] = 128,
     phase: Annotated[str, typer.Option("--phase", help="prefill (a forward over B x S) or decode (one token per sequence).")] = "prefill",
     kv_len: Annotated[int | None, typer.Option("--kv-len", help="Decode: cached tokens T [default: --seq-len].")] = None,
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed repeats per entry (median; >= 3).")] = 7,
-    warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up seconds per entry (and >= 10 calls).")] = 0.2,
-    correct: Annotated[int, typer.Option("--correct", help="Fit a per-regime scale on N measured random configurations.")] = 0,
+    repeats: Annotated[int, typer.Option("--repeats", help="Samples per timing, each paired with one of the full model (median; >= 3).")] = 7,
+    rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds per entry, each after a timing of the full model (median of drift-normalized timings; >= 2).")] = 3,
+    warmup_s: Annotated[float, typer.Option("--warmup-s", help="Warm-up seconds per timing (and >= 5 calls).")] = 0.1,
+    correct: Annotated[int, typer.Option("--correct", help="Fit a per-regime scale on N measured random per-layer configurations (0: none).")] = 8,
     validate: Annotated[int, typer.Option("--validate", help="Measure N random configurations end to end against the table.")] = 0,
+    max_noise: Annotated[float, typer.Option("--max-noise", help="Refuse the table when entries vary by more than this between rounds (median).")] = 0.10,
+    min_within: Annotated[float, typer.Option("--min-within", help="With --validate: refuse the table when fewer than this share are within ±10% (drift-normalized).")] = 0.9,
+    accept_noisy: Annotated[bool, typer.Option("--accept-noisy", help="Write a table that fails its checks (they are kept in its header).")] = False,
     fit: Annotated[str, typer.Option("--fit", help="bilinear: least-squares smooth the joint table (a + b*mlp + c*heads + d*mlp*heads); none: raw entries.")] = "bilinear",
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Time every entry under CUDA graphs (GPU; use it for decode).")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -182,7 +189,8 @@ def profile(
     from ..commands.profile import profile as do_profile
 
     o = options(ProfileOptions, params)
-    run(lambda rep: do_profile(_elastic_arg(elastic), o, rep), as_json, render.profile_result)
+    flags = {"gguf_type": "--gguf-type", "max_noise": "--max-noise", "min_within": "--min-within"}
+    run(lambda rep: do_profile(_elastic_arg(elastic), o, rep), as_json, render.profile_result, flags)
 
 
 @app.command("train-router")

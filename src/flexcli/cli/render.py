@@ -191,7 +191,7 @@ def profile_result(r) -> None:
     typer.echo(f"{r.regime}")
     typer.echo(
         f"fixed part {r.fixed_ms:.3f} ms · full model {r.full_ms:.3f} ms · smallest {r.smallest_ms:.3f} ms "
-        f"· max spread {r.max_spread:.1%} · scale {r.scale:.3f}"
+        f"· noise between rounds {r.noise:.1%} (reference drift {r.reference_drift:.1%}) · scale {r.scale:.3f}"
     )
     mlps = sorted({e.mlp for e in r.table}, reverse=True)
     heads = sorted({e.heads for e in r.table}, reverse=True)
@@ -292,6 +292,15 @@ def extract_result(r) -> None:
         for m in r.models
     ]
     for m in r.models:
+        if m.measured_latency_ms is not None:
+            budget = f" (budget {m.budget_ms:.3f} ms)" if m.budget_ms else ""
+            typer.echo(
+                f"{m.output}: measured {m.measured_latency_ms:.3f} ms{budget} in {m.regime}; the full model timed "
+                f"alongside ran {m.reference_drift:+.1%} vs the table, so {m.measured_at_table_speed_ms:.3f} ms "
+                f"at the table's speed"
+            )
+        elif m.latency_note:
+            typer.echo(f"{m.output}: latency not measured: {m.latency_note}")
         if m.verify_note:
             typer.echo(f"{m.output}: not verified: {m.verify_note}")
         elif m.top1_agreement is not None:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from ..arch.spec import Config, ElasticSpec, config_to_json
-from ..device import device_name
 from ..elastic.runtime import load_elastic
 from ..elastic.slicing import planned_specs, stream_sliced
 from ..errors import RuntimeFailure, UsageError
@@ -30,7 +29,6 @@ from ..io.safetensors import ShardPlan, write_model
 from ..io.source import SourceModel
 from ..io.submodel import hf_config_for, modeling_source
 from ..latency.table import LatencyTable
-from ..latency.timing import Runner, TimingPolicy, time_fn
 from ..plan.search import Request, Target, optional_table, param_counter, resolve_targets
 from ..progress import Reporter
 from ..router.store import load_router
@@ -63,7 +61,7 @@ class SubModel:
     budget: str | None
     budget_ms: float | None
     predicted_latency_ms: float | None
-    measured_latency_ms: float | None = None
+    measured_latency_ms: float | None = None  # in the table's regime (runtime), this run
     verified_max_rel_err: float | None = None
     regime: str | None = None
     planned_bytes: int | None = None  # total size of the output weight files
@@ -73,6 +71,10 @@ class SubModel:
     verified_in: str | None = None  # the runtime the logits were compared in; None: not verified
     verify_note: str | None = None  # why not, when verification was asked for but could not run
     top1_agreement: float | None = None  # gguf: share of positions where llama.cpp's argmax matches
+    reference_ms: float | None = None  # the full model, timed in pairs with the sub-model
+    reference_drift: float | None = None  # reference_ms / the table's full model - 1
+    measured_at_table_speed_ms: float | None = None  # measured, rescaled to the machine's speed at table time
+    latency_note: str | None = None  # why the latency was not measured, when a table exists
 
 
 @dataclass
@@ -227,10 +229,9 @@ def _write(
             },
         )
         if verify:  # before the commit: a sub-model that fails verification is never left behind
-            sm.verified_max_rel_err, sm.measured_latency_ms = verify_submodel(
-                elastic, tmp, spec, t.cfg, table, rep
-            )
+            sm.verified_max_rel_err = verify_submodel(elastic, tmp, spec, t.cfg, rep)
             sm.verified_in = "transformers"
+            measure_latency(elastic, table, sm, rep, tmp)
     return sm
 
 
@@ -281,6 +282,7 @@ def _write_gguf(
                     elastic, tmp, spec, t.cfg, o.gguf_type, rep
                 )
                 sm.verified_in = llamacpp.version()
+                measure_latency(elastic, table, sm, rep, tmp)
     return sm
 
 
@@ -314,11 +316,8 @@ def verify_gguf(
     return top1, err
 
 
-def verify_submodel(
-    elastic: Path, sub: Path, spec: ElasticSpec, cfg: Config, table: LatencyTable | None, rep: Reporter
-) -> tuple[float, float | None]:
-    """Extracted model vs the elastic model at `cfg` on the same batch; then its latency in the table's
-    regime, when that regime was measured on this CPU in fp32."""
+def verify_submodel(elastic: Path, sub: Path, spec: ElasticSpec, cfg: Config, rep: Reporter) -> float:
+    """Max relative logit error of the extracted model vs the elastic model at `cfg` on the same batch."""
     from transformers import AutoModelForCausalLM
 
     from ..arch.hf_modeling import register  # imports transformers: only when verifying
@@ -332,19 +331,49 @@ def verify_submodel(
             want = el(input_ids=x).logits
         got = model(input_ids=x).logits
         err = ((got - want).abs().max() / want.abs().max()).item()
-        if err > 1e-4:
-            raise RuntimeFailure(
-                f"verification failed: the extracted model's logits differ from the elastic "
-                f"model's by {err:.2e} (nothing was written)"
-            )
-        r = table.regime if table is not None else None
-        if (
-            r is None
-            or r.device != "cpu"
-            or r.dtype != "float32"
-            or r.device_name != device_name(torch.device("cpu"))
-        ):
-            return err, None
-        runner = Runner(model, r, torch.device("cpu"))
-        with torch.inference_mode():  # as flex profile times
-            return err, time_fn(runner.model_fn(model), runner.sync, TimingPolicy()).ms
+    if err > 1e-4:
+        raise RuntimeFailure(
+            f"verification failed: the extracted model's logits differ from the elastic "
+            f"model's by {err:.2e} (nothing was written)"
+        )
+    return err
+
+
+def measure_latency(
+    elastic: Path, table: LatencyTable | None, sm: SubModel, rep: Reporter, artifact: Path
+) -> None:
+    """The written sub-model's latency in the table's regime, timed in pairs with the full model, into
+    `sm` (measured, the reference's drift since the table, and the measurement at the table's speed); or
+    why it was not timed."""
+    from ..latency.profile import open_session, options_for, time_alongside
+
+    if table is None:
+        return
+    o = options_for(table)
+    if o is None:
+        sm.latency_note = f"regime {table.regime.key} cannot be timed on this machine"
+        return
+    if (o.runtime == "llama.cpp") != (sm.format == "gguf"):
+        sm.latency_note = f"a {sm.format} model is not timed in the {o.runtime} regime {table.regime.key}"
+        return
+    with rep.task(f"timing in {table.regime.key}"), torch.inference_mode():
+        sess = open_session(elastic, o)
+        try:
+            if sm.format == "gguf":
+                opened = sess.backend.open_file(artifact)
+            else:
+                from transformers import AutoModelForCausalLM
+
+                from ..arch.hf_modeling import register
+
+                register()
+                model = AutoModelForCausalLM.from_pretrained(
+                    artifact, dtype=getattr(torch, o.dtype), local_files_only=True
+                )
+                opened = sess.backend.open_model(model.to(sess.backend.runner.device).eval())
+            with opened as fn:
+                a = time_alongside(sess, table, fn)
+        finally:
+            sess.close()
+    sm.measured_latency_ms, sm.reference_ms = a.measured_ms, a.reference_ms
+    sm.reference_drift, sm.measured_at_table_speed_ms = a.reference_drift, a.at_table_speed_ms

@@ -1,4 +1,5 @@
-"""`flex profile`: measure the latency table of an elastic checkpoint in one regime on this device."""
+"""`flex profile`: measure the latency table of an elastic checkpoint in one regime and runtime (PyTorch
+on this device, or llama.cpp on this CPU); a table that fails its own checks is not written."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ from pathlib import Path
 import torch
 
 from ..latency.profile import (
+    NoisyTable,
     ProfileOptions,
     TableEntry,
     fit_correction,
     measure_table,
     open_session,
+    problems,
     validate_table,
 )
 from ..latency.table import save_table
 from ..progress import Reporter
 
-__all__ = ["ProfileOptions", "ProfileResult", "profile"]
+__all__ = ["NoisyTable", "ProfileOptions", "ProfileResult", "profile"]
 
 
 @dataclass
@@ -45,43 +48,64 @@ class Validation(ValidationStats):
 class ProfileResult:
     elastic: str
     regime: str
+    runtime: str
     fixed_ms: float
     full_ms: float
     smallest_ms: float
     entries: int
     max_spread: float
+    noise: float  # median spread of an entry between rounds (drift-normalized)
+    reference_drift: float  # max/min - 1 of the full model's timings over the whole table
     scale: float
     seconds: float
     table: list[TableEntry] = field(default_factory=list)  # uniform entries, layer 0
     validation: Validation | None = None  # flex_latency.json's validation, without the configurations
+    problems: list[str] = field(default_factory=list)  # checks it failed (written only with accept_noisy)
 
 
 def profile(elastic: Path, options: ProfileOptions, reporter: Reporter | None = None) -> ProfileResult:
-    """Measure (and store in ELASTIC/flex_latency.json) the latency table of one regime."""
+    """Measure (and, when it passes its checks, store in ELASTIC/flex_latency.json) one regime's table."""
     rep = reporter or Reporter()
     t0 = time.time()
     with torch.inference_mode():
         sess = open_session(elastic, options)
-        table, entries = measure_table(sess, rep)
-        if options.correct:
-            fit_correction(sess, table, options.correct, rep)
-        if options.validate:
-            validate_table(sess, table, options.validate, rep)
+        try:
+            table, entries = measure_table(sess, rep)
+            if options.correct:
+                fit_correction(sess, table, options.correct, rep)
+            if options.validate:
+                validate_table(sess, table, options.validate, rep)
+        finally:
+            sess.close()
+    found = problems(table, options)
+    table.header["problems"] = found
+    if found and not options.accept_noisy:
+        raise NoisyTable(
+            f"latency table not written: {'; '.join(found)}. Quiet the machine (nothing else running) or raise "
+            f"--repeats / --rounds; --accept-noisy writes it anyway"
+        )
+    for p in found:
+        rep.warn(f"noisy table written (--accept-noisy): {p}")
     save_table(elastic, table)
     val = None
     if table.validation:
         v = {k: x for k, x in table.validation.items() if k != "configs"}
         val = Validation(**{**v, "drift_normalized": ValidationStats(**v["drift_normalized"])})
+    c = table.header["checks"]
     return ProfileResult(
         str(elastic),
         table.regime.key,
+        table.header["runtime"],
         table.fixed_ms,
         table.full_ms(),
         table.smallest_ms(),
         len(entries),
         table.header["max_spread"],
+        c["noise_median"],
+        c["reference_drift"],
         table.scale,
         round(time.time() - t0, 2),
         entries,
         val,
+        found,
     )

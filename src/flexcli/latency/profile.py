@@ -1,35 +1,47 @@
-"""Building a latency table: time an elastic checkpoint in one regime (method.md §2.5).
+"""Building a latency table: time an elastic checkpoint in one regime and runtime (method.md §2.5).
 
-Every entry is timed in full-size context: the whole model physically sliced to one uniform (MLP
-width, heads) configuration, minus the fixed part (embeddings, final norm, LM head), divided by the
-number of layers. Entries are timed in a seeded random order; the joint table is least-squares
-smoothed; an optional scale is fitted on a few random per-layer configurations, and a validation
-measures others end to end against the prediction. End-to-end timings carry the full model's timing
-just before each, so a machine that drifts while they run can be told apart from the model's error.
+Every entry is timed in full-size context: the whole model sliced to one uniform (MLP width, heads)
+configuration, minus the fixed part (embeddings, final norm, LM head), divided by the number of layers.
+
+A table is only as good as the machine was quiet, so it is measured to be checked:
+
+- **Interleaved rounds.** Every entry is timed in each of `rounds` rounds, in a fresh seeded order, and
+  each timing alternates samples of the entry with samples of the full model (the reference,
+  latency.timing.time_paired). Each timing is rescaled by its reference to the run's median reference
+  speed, so a machine whose speed changes from one second to the next moves the reference and the
+  entry together; the entry is the median over rounds and its noise their spread.
+- **Smoothing and monotonicity.** The joint table is least-squares smoothed (bilinear in width and
+  heads); a narrower configuration is never predicted slower than a wider one (the table is projected
+  onto monotone), and raw entries that are slower than a wider neighbour by more than their noise are
+  counted as evidence of a noisy run.
+- **Correction and validation.** A per-regime scale is fitted on `correct` random per-layer
+  configurations (per-layer entries from uniform models under-predict mixed ones by several percent),
+  and `validate` others are measured end to end against the prediction, each after the reference.
+- **Refusal.** A table whose rounds disagree, whose raw entries are not monotone beyond noise, whose
+  smallest configuration is not faster than the full model, or which fails its own validation is not
+  written (exit 1 with the numbers), unless `accept_noisy`.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import __version__
-from ..arch.family import Architecture, by_family
 from ..arch.spec import Config, ElasticSpec, config_to_json
-from ..device import device_name, resolve_device
-from ..elastic.slicing import sliced_model
-from ..errors import UsageError
+from ..errors import RuntimeFailure, UsageError
 from ..io import layout
 from ..progress import Reporter
-from .table import LatencyTable, Regime
-from .timing import Runner, Timing, TimingPolicy, time_fn
+from .table import LatencyTable
+from .timing import Timing, TimingPolicy, time_fn, time_paired
 
+RUNTIMES = ("torch", "llama.cpp")
 PHASES = ("prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
 FITS = ("bilinear", "none")
@@ -37,19 +49,26 @@ FITS = ("bilinear", "none")
 
 @dataclass(kw_only=True)
 class ProfileOptions:
-    """The regime to measure (device, dtype, batch, tokens, phase) and how carefully."""
+    """The regime to measure (runtime, device, dtype, batch, tokens, phase) and how carefully."""
 
+    runtime: str = "torch"  # torch (transformers) | llama.cpp (llama-cpp-python)
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # torch
+    gguf_type: str = "f16"  # llama.cpp: weight type of the timed GGUF files
+    threads: int | None = None  # llama.cpp: threads (default: the CPUs this process may use)
     batch: int = 1
     seq_len: int = 128  # prefill: tokens per sequence
     phase: str = "prefill"  # prefill | decode
     kv_len: int | None = None  # decode: cached tokens (default seq_len)
-    repeats: int = 7
-    warmup_s: float = 0.2
-    min_warmup_calls: int = 10
-    max_spread: float | None = None  # default 0.15 on CPU, 0.05 on GPU
-    correct: int = 0  # random configurations for the per-regime scale correction
+    repeats: int = 7  # pairs of adjacent samples (entry, reference) per timing
+    rounds: int = 3  # interleaved rounds per entry (median of drift-normalized timings)
+    warmup_s: float = 0.1
+    min_warmup_calls: int = 5
+    max_spread: float | None = None  # within one timing; default 0.15 on CPU, 0.05 on GPU
+    max_noise: float = 0.10  # median spread of an entry between rounds allowed
+    min_within: float = 0.9  # validation: share within +-10% (drift-normalized) required
+    accept_noisy: bool = False  # write a table that fails its checks (they are kept in its header)
+    correct: int = 8  # random configurations for the per-regime scale correction
     validate: int = 0  # random configurations for the validation report
     seed: int = 0
     fit: str = "bilinear"  # bilinear (least-squares smoothing of the joint table) | none
@@ -57,18 +76,22 @@ class ProfileOptions:
 
     def check(self) -> None:
         """Raise a one-line UsageError for values out of range."""
+        if self.runtime not in RUNTIMES:
+            raise UsageError(f"runtime must be torch or llama.cpp, got {self.runtime!r}", option="runtime")
         if self.phase not in PHASES:
             raise UsageError(f"phase must be prefill or decode, got {self.phase!r}", option="phase")
         if self.dtype not in DTYPES:
             raise UsageError(
                 f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}", option="dtype"
             )
-        for name in ("batch", "seq_len", "kv_len"):
+        for name in ("batch", "seq_len", "kv_len", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"must be positive, got {value}", option=name)
         if self.repeats < 3:
             raise UsageError(f"at least 3 timed repeats are needed, got {self.repeats}", option="repeats")
+        if self.rounds < 2:
+            raise UsageError(f"at least 2 rounds are needed to see noise, got {self.rounds}", option="rounds")
         if self.warmup_s < 0:
             raise UsageError("warm-up time must be >= 0", option="warmup_s")
         if self.fit not in FITS:
@@ -76,6 +99,12 @@ class ProfileOptions:
         for name in ("validate", "correct"):
             if getattr(self, name) < 0:
                 raise UsageError("the number of configurations must be >= 0", option=name)
+        if not 0 <= self.min_within <= 1:
+            raise UsageError("must be between 0 and 1", option="min_within")
+
+
+class NoisyTable(RuntimeFailure):
+    """The table failed its own checks and was not written."""
 
 
 def smooth_bilinear(raw: list[list[float]], mlp: list[int], heads: list[int]) -> list[list[float]]:
@@ -85,6 +114,8 @@ def smooth_bilinear(raw: list[list[float]], mlp: list[int], heads: list[int]) ->
     FLOPs at large M), so the fit removes timing noise without bending the physics; the raw entries
     are kept in the header.
     """
+    import torch
+
     rows, ys = [], []
     for i, m in enumerate(mlp):
         for j, h in enumerate(heads):
@@ -95,6 +126,33 @@ def smooth_bilinear(raw: list[list[float]], mlp: list[int], heads: list[int]) ->
     coef = torch.linalg.lstsq(a, y).solution
     fit = (a @ coef).squeeze(1).tolist()
     return [fit[i * len(heads) : (i + 1) * len(heads)] for i in range(len(mlp))]
+
+
+def monotone(ms: list[list[float]]) -> list[list[float]]:
+    """The smallest table >= `ms` in which no narrower entry exceeds a wider one. Indices run wide ->
+    narrow in both MLP width (rows) and heads (columns), so each entry becomes the max over itself and
+    every narrower entry."""
+    out = [list(r) for r in ms]
+    for i in reversed(range(len(out))):
+        for j in reversed(range(len(out[0]))):
+            below = out[i + 1][j] if i + 1 < len(out) else -math.inf
+            right = out[i][j + 1] if j + 1 < len(out[0]) else -math.inf
+            out[i][j] = max(out[i][j], below, right)
+    return out
+
+
+def monotone_violations(raw: list[list[float]], noise: list[list[float]]) -> int:
+    """Adjacent pairs where the narrower raw entry is slower than the wider one by more than either's
+    round-to-round noise (and 2% of the wider entry)."""
+    n = 0
+    for i in range(len(raw)):
+        for j in range(len(raw[0])):
+            for i2, j2 in ((i + 1, j), (i, j + 1)):
+                if i2 < len(raw) and j2 < len(raw[0]):
+                    wide, narrow = raw[i][j], raw[i2][j2]
+                    tol = max(noise[i][j] * abs(wide), noise[i2][j2] * abs(narrow), 0.02 * abs(wide))
+                    n += narrow - wide > tol
+    return n
 
 
 def random_configs(spec: ElasticSpec, n: int, seed: int) -> list[Config]:
@@ -119,84 +177,97 @@ def validation_stats(pred: list[float], meas: list[float]) -> dict[str, Any]:
 
 @dataclass
 class Session:
-    """One elastic checkpoint loaded for timing in one regime."""
+    """One elastic checkpoint opened for timing in one regime, through a backend (latency.backends)."""
 
-    model: Any
-    arch: Architecture
+    backend: Any
     spec: ElasticSpec
-    regime: Regime
-    runner: Runner
     policy: TimingPolicy
     o: ProfileOptions
+    _ref: Any = None  # the full model's timed callable, kept open for the whole run
+    _ref_cm: Any = None
+
+    @property
+    def regime(self):
+        return self.backend.regime
 
     def timing(self, fn) -> Timing:
-        return time_fn(fn, self.runner.sync, self.policy)
+        return time_fn(fn, self.backend.sync, self.policy)
 
-    def time(self, cfg: Config) -> Timing:
-        """End-to-end timing of the model physically sliced to `cfg`."""
-        sub = sliced_model(self.model, self.arch, self.spec, cfg)
-        try:
-            return self.timing(self.runner.model_fn(sub))
-        finally:
-            del sub
+    def _reference_fn(self):
+        """The full model's timed callable, opened once and kept for the whole run."""
+        if self._ref is None:
+            self._ref_cm = self.backend.open(self.spec.full())
+            self._ref = self._ref_cm.__enter__()
+        return self._ref
+
+    def paired(self, fn) -> tuple[float, float]:
+        """(ms of `fn`, ms of the full model at the same moment): adjacent samples of both, alternating."""
+        return time_paired(fn, self._reference_fn(), self.backend.sync, self.policy)
 
     def measure(
         self, cfgs: list[Config], what: str, rep: Reporter, refs: list[float] | None = None
     ) -> list[float]:
-        """End-to-end ms per configuration; with `refs`, also the full model timed just before each."""
-        full_fn = (
-            self.runner.model_fn(sliced_model(self.model, self.arch, self.spec, self.spec.full()))
-            if refs is not None
-            else None
-        )
+        """End-to-end ms per configuration; with `refs`, also the full model timed alongside each."""
         out = []
         with rep.task(what, total=len(cfgs)) as task:
             for cfg in cfgs:
-                if full_fn is not None:
-                    refs.append(self.timing(full_fn).ms)  # type: ignore[union-attr]
-                out.append(self.time(cfg).ms)
+                with self.backend.open(cfg) as fn:
+                    if refs is None:
+                        out.append(self.timing(fn).ms)
+                    else:
+                        x, r = self.paired(fn)
+                        out.append(x)
+                        refs.append(r)
+                if cfg != self.spec.full():
+                    self.backend.forget(cfg)
                 task.advance(1)
         return out
 
+    def rounds(
+        self, items: dict[Any, Callable[[], Any]], rep: Reporter, what: str
+    ) -> tuple[dict[Any, float], dict[Any, float], list[float]]:
+        """Interleaved rounds: (median drift-normalized ms, round-to-round spread, reference timings)."""
+        rng = random.Random(self.o.seed)
+        samples: dict[Any, list[tuple[float, float]]] = {k: [] for k in items}
+        with rep.task(what, total=len(items) * self.o.rounds) as task:
+            for _ in range(self.o.rounds):
+                order = list(items)
+                rng.shuffle(order)
+                for k in order:
+                    with items[k]() as fn:
+                        samples[k].append(self.paired(fn))
+                    task.advance(1)
+        refs = [r for v in samples.values() for _, r in v]
+        ref_med = statistics.median(refs)
+        med, noise = {}, {}
+        for k, v in samples.items():
+            norm = [x * ref_med / r for x, r in v]
+            med[k] = statistics.median(norm)
+            noise[k] = (max(norm) - min(norm)) / med[k] if med[k] > 0 else 0.0
+        return med, noise, refs
+
+    def close(self) -> None:
+        if self._ref_cm is not None:
+            self._ref_cm.__exit__(None, None, None)
+            self._ref_cm = self._ref = None
+        self.backend.close()
+
 
 def open_session(path: Path, o: ProfileOptions) -> Session:
-    """Validate the options and load ELASTIC on the regime's device and dtype (inference only)."""
-    from transformers import AutoModelForCausalLM
+    """Validate the options and open ELASTIC in the runtime the options name."""
+    from .backends import LlamaCppBackend, TorchBackend
 
     spec = layout.read_spec(path)
-    arch = by_family(spec.family)
     o.check()
     if any(lc.mlp != spec.layers[0].mlp or lc.heads != spec.layers[0].heads for lc in spec.layers):
         raise UsageError("profiling needs the same choice lists in every layer")
-    device = resolve_device(o.device)
-    if device.type == "cpu" and o.dtype == "float16":
-        raise UsageError("float16 is not supported on CPU; use float32 or bfloat16", option="dtype")
-    if o.cuda_graphs and device.type != "cuda":
-        raise UsageError("CUDA graphs need the cuda device", option="cuda_graphs")
-    kv = (o.kv_len if o.kv_len is not None else o.seq_len) if o.phase == "decode" else 0
-    regime = Regime(
-        device.type,
-        device_name(device),
-        o.dtype,
-        o.batch,
-        o.seq_len if o.phase == "prefill" else 1,
-        o.phase,
-        kv,
-        o.cuda_graphs,
-    )
-    max_spread = o.max_spread if o.max_spread is not None else (0.05 if device.type == "cuda" else 0.15)
+    backend = (LlamaCppBackend if o.runtime == "llama.cpp" else TorchBackend)(path, o)
+    gpu = backend.regime.device == "cuda"
+    max_spread = o.max_spread if o.max_spread is not None else (0.05 if gpu else 0.15)
     policy = TimingPolicy(o.repeats, o.warmup_s, o.min_warmup_calls, max_spread)
-    model = (
-        AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, o.dtype), local_files_only=True, trust_remote_code=False
-        )
-        .to(device)
-        .eval()
-    )
-    return Session(model, arch, spec, regime, Runner(model, regime, device, o.seed), policy, o)
+    return Session(backend, spec, policy, o)
 
 
-@torch.inference_mode()
 def measure_configs(
     path: Path,
     cfgs: list[Config],
@@ -206,10 +277,61 @@ def measure_configs(
 ) -> tuple[list[float], list[float]]:
     """(end-to-end ms per configuration, full-model ms timed just before each when `with_full`) of
     ELASTIC sliced to each configuration, in the regime `o` describes."""
-    sess = open_session(path, o)
-    refs: list[float] | None = [] if with_full else None
-    meas = sess.measure(cfgs, f"timing {len(cfgs)} configurations", reporter or Reporter(), refs)
+    import torch
+
+    with torch.inference_mode():
+        sess = open_session(path, o)
+        try:
+            refs: list[float] | None = [] if with_full else None
+            meas = sess.measure(cfgs, f"timing {len(cfgs)} configurations", reporter or Reporter(), refs)
+        finally:
+            sess.close()
     return meas, refs or []
+
+
+def options_for(table: LatencyTable) -> ProfileOptions | None:
+    """Profile options that reproduce `table`'s regime on this machine, or None when this machine cannot
+    (another CPU or GPU, another thread count, llama.cpp not installed)."""
+    import torch
+
+    from .. import llamacpp
+    from ..device import device_name
+
+    r = table.regime
+    kw: dict[str, Any] = {"batch": r.batch, "phase": r.phase, "seq_len": r.seq_len}
+    if r.phase == "decode":
+        kw.update(seq_len=max(r.kv_len, 1), kv_len=r.kv_len)
+    if r.device == "llama.cpp":
+        if llamacpp.missing() is not None:
+            return None
+        threads = int(table.header.get("threads") or 0) or None
+        o = ProfileOptions(runtime="llama.cpp", gguf_type=r.dtype, threads=threads, **kw)
+        want = f"{device_name(torch.device('cpu'))} {threads or llamacpp.default_threads()}t"
+    else:
+        if r.device == "cuda" and not torch.cuda.is_available():
+            return None
+        o = ProfileOptions(device=r.device, dtype=r.dtype, cuda_graphs=r.graphs, **kw)
+        want = device_name(torch.device(r.device))
+    return o if want == r.device_name else None
+
+
+@dataclass
+class Alongside:
+    """A model timed in a table's regime, with the table's full model timed alongside (same run)."""
+
+    measured_ms: float
+    reference_ms: float  # the full model, timed in the same pairs
+    reference_drift: float  # reference_ms / the table's full model - 1: how much slower the machine is now
+    at_table_speed_ms: float  # measured_ms rescaled to the machine's speed when the table was made
+
+
+def time_alongside(sess: Session, table: LatencyTable, fn, repeats: int = 3) -> Alongside:
+    """Median of `repeats` paired timings of `fn` and the full model, against `table`."""
+    pairs = [sess.paired(fn) for _ in range(repeats)]
+    x = statistics.median(p[0] for p in pairs)
+    r = statistics.median(p[1] for p in pairs)
+    full = table.predict(sess.spec.full(), corrected=False)
+    return Alongside(x, r, r / full - 1, x * full / r)
 
 
 @dataclass
@@ -219,48 +341,85 @@ class TableEntry:
     mlp: int
     heads: int
     layer_ms: float
-    spread: float
+    spread: float  # drift-normalized spread between rounds
 
 
 def measure_table(sess: Session, rep: Reporter) -> tuple[LatencyTable, list[TableEntry]]:
-    """Time the fixed part and every uniform (MLP, heads) entry; the table (smoothed per `fit`)."""
+    """Time the fixed part and every uniform (MLP, heads) entry in interleaved rounds; the table
+    (smoothed per `fit`, made monotone) with its checks in the header."""
     spec, o, L = sess.spec, sess.o, sess.spec.dims.num_layers
     mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
-    combos = [(m, h) for m in mlp for h in heads]
-    random.Random(o.seed).shuffle(combos)
-    with rep.task("fixed part (embeddings, norm, LM head)"):
-        fixed = sess.timing(sess.runner.fixed_fn(sess.model, sess.arch))
-    timings: dict[tuple[int, int], Timing] = {}
-    with rep.task(f"latency table ({len(combos)} entries)", total=len(combos)) as task:
-        for m, h in combos:
-            timings[(m, h)] = sess.time([(m, h)] * L)
-            task.advance(1)
-    raw = [[(timings[(m, h)].ms - fixed.ms) / L for h in heads] for m in mlp]
-    spread = [[timings[(m, h)].spread for h in heads] for m in mlp]
-    ms = smooth_bilinear(raw, mlp, heads) if o.fit == "bilinear" else raw
+
+    def entry(m: int, h: int):
+        return lambda: sess.backend.open([(m, h)] * L)
+
+    items: dict[Any, Callable[[], Any]] = {("entry", m, h): entry(m, h) for m in mlp for h in heads}
+    items.update(sess.backend.fixed_items())
+    n = len(items)
+    med, noise, refs = sess.rounds(items, rep, f"latency table ({n} timings x {o.rounds} rounds)")
+    fixed = max(0.0, sess.backend.fixed_ms(med))
+    raw = [[(med[("entry", m, h)] - fixed) / L for h in heads] for m in mlp]
+    spread = [[noise[("entry", m, h)] for h in heads] for m in mlp]
+    ms = monotone(smooth_bilinear(raw, mlp, heads) if o.fit == "bilinear" else raw)
+    checks = {
+        "rounds": o.rounds,
+        "noise_median": statistics.median(noise.values()),
+        "noise_limit": o.max_noise,
+        "reference_drift": max(refs) / min(refs) - 1,
+        "monotone_violations": monotone_violations(raw, spread),
+        "raw_full_ms": med[("entry", mlp[0], heads[0])],
+        "raw_smallest_ms": med[("entry", mlp[-1], heads[-1])],
+    }
     header = {
         "flexcli": __version__,
-        "torch": torch.__version__,
+        "runtime": sess.backend.name,
+        **sess.backend.header,
         "triton": _triton_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "threads": torch.get_num_threads(),
         "warmup_s": o.warmup_s,
         "min_warmup_calls": o.min_warmup_calls,
         "repeats": o.repeats,
         "max_spread_allowed": sess.policy.max_spread,
         "max_spread": max(max(r) for r in spread),
-        "fixed_spread": fixed.spread,
-        "method": "uniform whole-model stacks minus fixed part, per layer",
+        "fixed_spread": noise.get("fixed", 0.0),
+        "method": "uniform whole-model stacks minus fixed part, per layer; interleaved rounds, drift-normalized",
         "fit": o.fit,
         "raw_ms": raw,
+        "checks": checks,
     }
     table = LatencyTable(
-        sess.regime, header, fixed.ms, [list(mlp)] * L, [list(heads)] * L, [ms] * L, [spread] * L
+        sess.regime, header, fixed, [list(mlp)] * L, [list(heads)] * L, [ms] * L, [spread] * L
     )
     entries = [
         TableEntry(m, h, ms[i][j], spread[i][j]) for i, m in enumerate(mlp) for j, h in enumerate(heads)
     ]
     return table, entries
+
+
+def problems(table: LatencyTable, o: ProfileOptions) -> list[str]:
+    """Why the table should not be trusted, as short clauses (empty: it passed its checks)."""
+    c, out = table.header["checks"], []
+    if c["noise_median"] > o.max_noise:
+        out.append(
+            f"entries varied by a median {c['noise_median']:.0%} between rounds (limit {o.max_noise:.0%}; "
+            f"the reference drifted {c['reference_drift']:.0%})"
+        )
+    if c["monotone_violations"]:
+        out.append(
+            f"{c['monotone_violations']} narrower entries timed slower than a wider neighbour beyond noise"
+        )
+    if c["raw_smallest_ms"] >= c["raw_full_ms"]:
+        out.append(
+            f"the smallest configuration ({c['raw_smallest_ms']:.3f} ms) timed no faster than the full model "
+            f"({c['raw_full_ms']:.3f} ms)"
+        )
+    v = table.validation
+    if v and v["drift_normalized"]["within_10pct"] < o.min_within:
+        out.append(
+            f"validation: {v['drift_normalized']['within_10pct']:.0%} of {v['n']} configurations within ±10% "
+            f"of the prediction (need {o.min_within:.0%}; mean error {v['drift_normalized']['mean_signed_err']:+.1%})"
+        )
+    return out
 
 
 def at_table_speed(
@@ -293,7 +452,8 @@ def fit_correction(sess: Session, table: LatencyTable, n: int, rep: Reporter) ->
 
 def validate_table(sess: Session, table: LatencyTable, n: int, rep: Reporter) -> None:
     """Measure `n` random configurations end to end against the prediction into table.validation; the same
-    errors at table speed (against the uncorrected table) separate the model's error from drift."""
+    errors with each timing rescaled to table speed (by the full model timed just before it) separate the
+    latency model's error from the machine's drift, and are what the table is judged by."""
     cfgs = random_configs(sess.spec, n, sess.o.seed + 2)
     refs: list[float] = []
     meas = sess.measure(cfgs, f"validation ({n} configurations)", rep, refs)
@@ -303,7 +463,7 @@ def validate_table(sess: Session, table: LatencyTable, n: int, rep: Reporter) ->
         **validation_stats(pred, meas),
         "regime": sess.regime.key,
         "reference_drift": max(refs) / min(refs) - 1,
-        "drift_normalized": validation_stats([table.predict(c, corrected=False) for c in cfgs], norm),
+        "drift_normalized": validation_stats(pred, norm),
         "configs": [
             {"config": config_to_json(c), "predicted_ms": p, "measured_ms": m, "full_model_ms_before": r}
             for c, p, m, r in zip(cfgs, pred, meas, refs)

@@ -28,6 +28,7 @@ class TimingPolicy:
     warmup_s: float = 0.2
     min_warmup_calls: int = 10
     max_spread: float = 0.15  # (max - min) / median allowed before re-measuring (up to 3 attempts)
+    min_sample_s: float = 0.005  # paired timings: each sample spans at least this long
 
 
 @dataclass
@@ -64,6 +65,42 @@ def time_fn(fn: Callable[[], Any], sync: Callable[[], None], policy: TimingPolic
             break
     assert best is not None
     return best
+
+
+def time_paired(
+    fn: Callable[[], Any], ref: Callable[[], Any], sync: Callable[[], None], policy: TimingPolicy
+) -> tuple[float, float]:
+    """(ms of `fn`, ms of `ref` at the same moment): `policy.repeats` pairs of adjacent samples, in
+    alternating order, after warming both up. The ms of `fn` is the median of the per-pair ratios times
+    the median of `ref`, so a machine whose speed changes from one second to the next (a shared VM) moves
+    both sides of each ratio together."""
+    t0, n = time.perf_counter(), 0
+    while n < policy.min_warmup_calls or time.perf_counter() - t0 < policy.warmup_s:
+        fn()
+        ref()
+        n += 1
+    sync()
+    per_call = (time.perf_counter() - t0) / (2 * n)
+    inner = max(1, math.ceil(policy.min_sample_s / max(per_call, 1e-7)))
+
+    def sample(f) -> float:
+        sync()
+        t = time.perf_counter()
+        for _ in range(inner):
+            f()
+        sync()
+        return (time.perf_counter() - t) / inner * 1e3
+
+    ratios, refs = [], []
+    for k in range(policy.repeats):
+        if k % 2:
+            a, b = sample(fn), sample(ref)
+        else:
+            b, a = sample(ref), sample(fn)
+        ratios.append(a / b)
+        refs.append(b)
+    r = statistics.median(refs)
+    return statistics.median(ratios) * r, r
 
 
 def cache_kw(model) -> str:

@@ -1,0 +1,290 @@
+"""Benchmark: llama.cpp as the serving runtime (make bench-llamacpp) -> docs/results/llamacpp.{md,json}.
+
+For the demo model (`make demo`'s demo/base-elastic) and SmolLM2-135M-Instruct (`make bench-real`'s
+trained elastic checkpoint, in $FLEX_CACHE), each copied into a work directory first:
+
+1. `flex profile --runtime llama.cpp --phase decode --validate 20`: the decode latency table measured in
+   llama.cpp, validated end to end on 20 random per-layer configurations (target: >= 90% within +-10%).
+   A table the profiler refuses is measured again (up to 3 times), then kept with its problems recorded.
+2. `flex train-router --regime llama.cpp` (static router) for 3 budgets between the smallest and the full
+   model of that table.
+3. For each budget: the static router's sub-model and the best uniform sub-model whose table latency is
+   at most the router's (equal llama.cpp latency), both `flex extract --format gguf` (f16) and measured
+   there: decode tokens/s (extract times each file in llama.cpp in pairs with the full model; target:
+   measured <= budget + 5%), and held-out perplexity computed by llama.cpp itself.
+4. The full model exported the same way; for SmolLM2 also the original Q4_1 GGUF run unchanged (the
+   anchor a user starts from), timed and scored the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, flex  # noqa: E402
+
+FRACTIONS = (0.3, 0.55, 0.8)  # budgets between the smallest and the full model of the table
+EVAL_WINDOWS, SEQ = 8, 256
+
+
+def _smollm2_cache() -> Path:
+    return Path(os.environ.get("FLEX_CACHE", Path.home() / ".cache" / "flexcli")).expanduser() / "smollm2"
+
+
+def _sources(a) -> dict[str, tuple[Path, Path | None]]:
+    """name -> (elastic checkpoint, original GGUF anchor or None); builds the missing ones."""
+    demo = ROOT / "demo" / "base-elastic"
+    if "demo" in a.models and not (demo / "flex_elastic.json").exists():
+        subprocess.run([sys.executable, "-m", "flexcli.demo"], cwd=ROOT, check=True)
+    smol = _smollm2_cache() / "bench" / "flextron"
+    anchor = _smollm2_cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if "smollm2" in a.models and not (smol / "flex_elastic.json").exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "bench_real.py"), "--resume"], cwd=ROOT, check=True
+        )
+    return {"demo": (demo, None), "smollm2": (smol, anchor)}
+
+
+def _workdir(src: Path, dst: Path, anchor: Path | None) -> Path:
+    """A private copy (hard links) of the elastic checkpoint, so its tables and routers stay untouched; a
+    checkpoint converted from a GGUF before flexcli kept the file's tokenizer block gets it here."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, copy_function=os.link)
+    for f in ("flex_latency.json", "flex_routers.json", "flex_routers.safetensors"):
+        (dst / f).unlink(missing_ok=True)
+    if anchor is not None and not (dst / "flex_gguf_tokenizer.gguf").exists():
+        from gguf import GGUFReader
+
+        from flexcli.io.gguf_export import save_tokenizer_block
+
+        save_tokenizer_block(GGUFReader(anchor), dst)
+    return dst
+
+
+def _heldout(el: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from flexcli.train.data import STDLIB, load_sequences
+
+    tok = AutoTokenizer.from_pretrained(el, local_files_only=True)
+    return load_sequences(tok, STDLIB, EVAL_WINDOWS, SEQ, "heldout").tolist()
+
+
+def _ppl(gguf: Path, seqs: list[list[int]], threads: int) -> float:
+    """Held-out perplexity computed by llama.cpp (next-token log-likelihood of its own logits)."""
+    import numpy as np
+
+    from flexcli import llamacpp
+
+    nll, n = 0.0, 0
+    with llamacpp.Model(gguf, SEQ, threads, logits=True) as m:
+        for s in seqs:
+            z = m.logits(s)[:-1].astype(np.float64)  # (SEQ-1, vocab)
+            z -= z.max(-1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+            nll -= float(logp[np.arange(len(s) - 1), s[1:]].sum())
+            n += len(s) - 1
+    return math.exp(nll / n)
+
+
+def _decode_ms(gguf: Path, el: Path, threads: int, kv: int) -> float:
+    """Median decode ms of a GGUF that is not an extract output (the original anchor), timed as profile does."""
+    from flexcli.latency.profile import ProfileOptions, open_session
+    from flexcli.latency.timing import TimingPolicy, time_fn
+
+    sess = open_session(el, ProfileOptions(runtime="llama.cpp", phase="decode", seq_len=kv, threads=threads))
+    try:
+        with sess.backend.open_file(gguf) as fn:
+            return statistics.median(time_fn(fn, lambda: None, TimingPolicy()).ms for _ in range(3))
+    finally:
+        sess.close()
+
+
+def _best_uniform(spec: dict, table: dict, max_ms: float) -> dict | None:
+    """The widest uniform configuration (MLP and heads fractions from the spec's choices) whose table
+    latency is at most `max_ms`: the uniform competitor at equal llama.cpp latency."""
+    from flexcli.arch.spec import ElasticSpec
+    from flexcli.latency.table import LatencyTable
+
+    sp, t = ElasticSpec.from_dict(spec), LatencyTable.from_dict(table)
+    best = None
+    for m in sp.layers[0].mlp:
+        for h in sp.layers[0].heads:
+            cfg = [(m, h)] * sp.dims.num_layers
+            ms = t.predict(cfg)
+            params = m * 3 * sp.dims.hidden_size + h * sp.dims.head_dim * sp.dims.hidden_size * 2
+            if ms <= max_ms and (best is None or params > best[0]):
+                best = (params, cfg, ms)
+    return (
+        None
+        if best is None
+        else {"config": [{"mlp": m, "heads": h} for m, h in best[1]], "predicted_ms": best[2]}
+    )
+
+
+def _extract(el: Path, out: Path, *how: str) -> dict:
+    return flex("extract", str(el), "-o", str(out), "--format", "gguf", "--force", *how, cwd=out.parent)[
+        "models"
+    ][0]
+
+
+def run_model(name: str, src: Path, anchor: Path | None, work: Path, a) -> dict[str, Any]:
+    el = _workdir(src, work / f"{name}-elastic", anchor)
+    seqs = _heldout(el)
+    res: dict[str, Any] = {"elastic": str(src)}
+    for attempt in range(1, 4):
+        try:
+            extra = ["--accept-noisy"] if attempt == 3 else []
+            prof = flex("profile", str(el), "--runtime", "llama.cpp", "--phase", "decode", "--kv-len", str(a.kv),
+                        "--validate", "20", *extra, cwd=work)  # fmt: skip
+            break
+        except subprocess.CalledProcessError:
+            print(f"{name}: profile attempt {attempt} refused (noisy); measuring again", file=sys.stderr)
+    res["profile"] = {**prof, "attempts": attempt}
+    data = json.loads((el / "flex_latency.json").read_text())
+    table = data["regimes"][prof["regime"]]
+    threads = table["header"]["threads"]
+    spec = json.loads((el / "flex_elastic.json").read_text())["spec"]
+    full, small = prof["full_ms"], prof["smallest_ms"]
+    budgets = [small + f * (full - small) for f in FRACTIONS]
+    flex("train-router", str(el), "--regime", "llama.cpp", "--no-dynamic", "--budgets",
+         ",".join(f"{b:.4f}ms" for b in budgets), cwd=work)  # fmt: skip
+
+    def measured(m: dict, gguf: Path) -> dict:
+        ms = m["measured_latency_ms"]
+        return {
+            "config": m["config"], "params": m["params"], "predicted_ms": m["predicted_latency_ms"],
+            "measured_ms": ms, "tok_s": 1000 / ms, "reference_drift": m["reference_drift"],
+            "at_table_speed_ms": m["measured_at_table_speed_ms"], "top1_agreement": m["top1_agreement"],
+            "ppl": _ppl(gguf, seqs, threads),
+        }  # fmt: skip
+
+    f = work / f"{name}-full.gguf"
+    res["full"] = measured(_extract(el, f, "--uniform", "mlp=1,heads=1"), f)
+    res["budgets"] = []
+    for b in budgets:
+        g = work / f"{name}-static-{b:.3f}ms.gguf"
+        st = measured(_extract(el, g, "--budget", f"{b:.4f}ms"), g)
+        uni = _best_uniform(spec, table, st["predicted_ms"])
+        row: dict[str, Any] = {"budget_ms": b, "static": st}
+        if uni is not None:
+            (work / "uniform.json").write_text(json.dumps(uni["config"]))
+            u = work / f"{name}-uniform-{b:.3f}ms.gguf"
+            row["uniform"] = measured(_extract(el, u, "--config", str(work / "uniform.json")), u)
+        row["within_budget"] = st["measured_ms"] <= 1.05 * b
+        row["within_budget_at_table_speed"] = st["at_table_speed_ms"] <= 1.05 * b
+        res["budgets"].append(row)
+    if anchor is not None:
+        ms = _decode_ms(anchor, el, threads, a.kv)
+        res["anchor"] = {
+            "file": anchor.name,
+            "measured_ms": ms,
+            "tok_s": 1000 / ms,
+            "ppl": _ppl(anchor, seqs, threads),
+        }
+    return res
+
+
+def report(results: dict, out: Path) -> None:
+    lines = [
+        "# llama.cpp as the serving runtime (bench/bench_llamacpp.py)",
+        "",
+        f"Run {results['created']} on {results['machine']} with {results['llama_cpp']}; decode after "
+        f"{results['kv']} cached tokens, batch 1, f16 GGUF files written by `flex extract --format gguf`. "
+        "Perplexity: llama.cpp's own logits on held-out stdlib code "
+        f"({EVAL_WINDOWS} x {SEQ} tokens). Latencies are llama.cpp decode steps; each measured sub-model was timed "
+        "in pairs with the full model, whose drift against the table is given.",
+        "",
+    ]
+    for name, r in results["models"].items():
+        p, v = r["profile"], r["profile"]["validation"]
+        dn = v["drift_normalized"]
+        lines += [
+            f"## {name}",
+            "",
+            f"Table `{p['regime']}`: full {p['full_ms']:.3f} ms, smallest {p['smallest_ms']:.3f} ms, noise between "
+            f"rounds {p['noise']:.1%}, scale {p['scale']:.3f}, attempts {p['attempts']}"
+            + (f", accepted with problems: {'; '.join(p['problems'])}" if p["problems"] else "")
+            + ".",
+            f"Validation on {v['n']} random per-layer configurations: {v['within_10pct']:.0%} within ±10% "
+            f"(drift-normalized {dn['within_10pct']:.0%}, p90 |err| {dn['p90_abs_err']:.1%}, mean {dn['mean_signed_err']:+.1%}; "
+            f"reference drift {v['reference_drift']:.0%}) — target ≥ 90%: "
+            f"{'met' if dn['within_10pct'] >= 0.9 else 'NOT met'} (drift-normalized), "
+            f"{'met' if v['within_10pct'] >= 0.9 else 'NOT met'} (raw).",
+            "",
+            "| budget ms | model | params | table ms | measured ms | tok/s | ref drift | at table speed ms | ppl | ≤ budget+5% |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        f = r["full"]
+        lines.append(
+            f"| - | full (f16) | {f['params'] / 1e6:.1f}M | {f['predicted_ms']:.2f} | {f['measured_ms']:.2f} | "
+            f"{f['tok_s']:.1f} | {f['reference_drift']:+.0%} | {f['at_table_speed_ms']:.2f} | {f['ppl']:.2f} | - |"
+        )
+        if "anchor" in r:
+            x = r["anchor"]
+            lines.append(
+                f"| - | original {x['file']} | - | - | {x['measured_ms']:.2f} | {x['tok_s']:.1f} | - | - | {x['ppl']:.2f} | - |"
+            )
+        for row in r["budgets"]:
+            for kind in ("static", "uniform"):
+                if kind not in row:
+                    continue
+                m = row[kind]
+                ok = "" if kind == "uniform" else (
+                    f"{'yes' if row['within_budget'] else 'no'} (at table speed: {'yes' if row['within_budget_at_table_speed'] else 'no'})"
+                )  # fmt: skip
+                lines.append(
+                    f"| {row['budget_ms']:.2f} | {kind} router | {m['params'] / 1e6:.1f}M | {m['predicted_ms']:.2f} | "
+                    f"{m['measured_ms']:.2f} | {m['tok_s']:.1f} | {m['reference_drift']:+.0%} | "
+                    f"{m['at_table_speed_ms']:.2f} | {m['ppl']:.2f} | {ok} |".replace(
+                        "uniform router", "best uniform"
+                    )
+                )
+        lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "llamacpp.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "llamacpp.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    import torch
+
+    from flexcli import llamacpp
+    from flexcli.device import device_name
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "llamacpp")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    ap.add_argument("--models", default="demo,smollm2")
+    ap.add_argument("--kv", type=int, default=128, help="cached tokens before each timed decode step")
+    a = ap.parse_args()
+    a.models = a.models.split(",")
+    llamacpp.require()
+    a.work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": device_name(torch.device("cpu")),
+        "llama_cpp": llamacpp.version(),
+        "kv": a.kv,
+        "models": {},
+    }
+    for name, (src, anchor) in _sources(a).items():
+        if name in a.models:
+            results["models"][name] = run_model(name, src, anchor, a.work.resolve(), a)
+    report(results, a.out)
+
+
+if __name__ == "__main__":
+    main()
