@@ -98,39 +98,43 @@ def _ppl(gguf: Path, seqs: list[list[int]], threads: int) -> float:
     return math.exp(nll / n)
 
 
-def _decode_ms(gguf: Path, el: Path, threads: int, kv: int) -> float:
-    """Median decode ms of a GGUF that is not an extract output (the original anchor), timed as profile does."""
+def _anchor_ms(gguf: Path, el: Path, threads: int, kv: int) -> tuple[float, float]:
+    """(decode ms of a GGUF that is not an extract output, e.g. the original file, and of the full f16
+    model at the same moments): medians of 3 paired timings, as profile and extract time."""
     from flexcli.latency.profile import ProfileOptions, open_session
-    from flexcli.latency.timing import TimingPolicy, time_fn
 
     sess = open_session(el, ProfileOptions(runtime="llama.cpp", phase="decode", seq_len=kv, threads=threads))
     try:
         with sess.backend.open_file(gguf) as fn:
-            return statistics.median(time_fn(fn, lambda: None, TimingPolicy()).ms for _ in range(3))
+            pairs = [sess.paired(fn) for _ in range(3)]
     finally:
         sess.close()
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
-def _best_uniform(spec: dict, table: dict, max_ms: float) -> dict | None:
-    """The widest uniform configuration (MLP and heads fractions from the spec's choices) whose table
-    latency is at most `max_ms`: the uniform competitor at equal llama.cpp latency."""
-    from flexcli.arch.spec import ElasticSpec
+def _best_uniform(el: Path, table: dict, max_ms: float, seqs: list[list[int]]) -> dict | None:
+    """The uniform configuration with the lowest held-out loss (the elastic model in PyTorch) among those
+    whose table latency is at most `max_ms`: for each MLP width, the most heads that fit."""
+    import torch
+
+    from flexcli.elastic.evaluate import mean_loss
+    from flexcli.elastic.runtime import load_elastic
     from flexcli.latency.table import LatencyTable
 
-    sp, t = ElasticSpec.from_dict(spec), LatencyTable.from_dict(table)
+    t = LatencyTable.from_dict(table)
+    model = load_elastic(el)
+    x = torch.tensor(seqs)
     best = None
-    for m in sp.layers[0].mlp:
-        for h in sp.layers[0].heads:
-            cfg = [(m, h)] * sp.dims.num_layers
-            ms = t.predict(cfg)
-            params = m * 3 * sp.dims.hidden_size + h * sp.dims.head_dim * sp.dims.hidden_size * 2
-            if ms <= max_ms and (best is None or params > best[0]):
-                best = (params, cfg, ms)
-    return (
-        None
-        if best is None
-        else {"config": [{"mlp": m, "heads": h} for m, h in best[1]], "predicted_ms": best[2]}
-    )
+    for m in t.mlp[0]:
+        fits = [h for h in t.heads[0] if t.predict([(m, h)] * len(t.mlp)) <= max_ms]
+        if not fits:
+            continue
+        cfg = [(m, max(fits))] * len(t.mlp)
+        with model.configured(cfg):
+            loss = mean_loss(model, x)
+        if best is None or loss < best[0]:
+            best = (loss, cfg)
+    return None if best is None else {"config": [{"mlp": m, "heads": h} for m, h in best[1]]}
 
 
 def _extract(el: Path, out: Path, *how: str) -> dict:
@@ -155,7 +159,6 @@ def run_model(name: str, src: Path, anchor: Path | None, work: Path, a) -> dict[
     data = json.loads((el / "flex_latency.json").read_text())
     table = data["regimes"][prof["regime"]]
     threads = table["header"]["threads"]
-    spec = json.loads((el / "flex_elastic.json").read_text())["spec"]
     full, small = prof["full_ms"], prof["smallest_ms"]
     budgets = [small + f * (full - small) for f in FRACTIONS]
     flex("train-router", str(el), "--regime", "llama.cpp", "--no-dynamic", "--budgets",
@@ -176,7 +179,7 @@ def run_model(name: str, src: Path, anchor: Path | None, work: Path, a) -> dict[
     for b in budgets:
         g = work / f"{name}-static-{b:.3f}ms.gguf"
         st = measured(_extract(el, g, "--budget", f"{b:.4f}ms"), g)
-        uni = _best_uniform(spec, table, st["predicted_ms"])
+        uni = _best_uniform(el, table, st["predicted_ms"], seqs)
         row: dict[str, Any] = {"budget_ms": b, "static": st}
         if uni is not None:
             (work / "uniform.json").write_text(json.dumps(uni["config"]))
@@ -186,11 +189,13 @@ def run_model(name: str, src: Path, anchor: Path | None, work: Path, a) -> dict[
         row["within_budget_at_table_speed"] = st["at_table_speed_ms"] <= 1.05 * b
         res["budgets"].append(row)
     if anchor is not None:
-        ms = _decode_ms(anchor, el, threads, a.kv)
+        ms, ref = _anchor_ms(anchor, el, threads, a.kv)
         res["anchor"] = {
             "file": anchor.name,
             "measured_ms": ms,
             "tok_s": 1000 / ms,
+            "full_f16_ms_alongside": ref,
+            "speed_vs_full_f16": ref / ms,
             "ppl": _ppl(anchor, seqs, threads),
         }
     return res
@@ -234,7 +239,8 @@ def report(results: dict, out: Path) -> None:
         if "anchor" in r:
             x = r["anchor"]
             lines.append(
-                f"| - | original {x['file']} | - | - | {x['measured_ms']:.2f} | {x['tok_s']:.1f} | - | - | {x['ppl']:.2f} | - |"
+                f"| - | original {x['file']} | - | - | {x['measured_ms']:.2f} | {x['tok_s']:.1f} | - | "
+                f"{x['speed_vs_full_f16']:.2f}x the full f16 timed alongside | {x['ppl']:.2f} | - |"
             )
         for row in r["budgets"]:
             for kind in ("static", "uniform"):
