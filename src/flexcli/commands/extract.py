@@ -96,7 +96,17 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
     spec = layout.read_spec(elastic)
     src = SourceModel.open(elastic)
     table = optional_table(elastic, o.regime)
-    wants_router = o.request.budgets is not None and any(b.kind != "params" for b in o.request.budgets)
+    if (
+        o.fmt == "gguf"
+        and wants_latency(o.request)
+        and table is not None
+        and table.regime.device != "llama.cpp"
+    ):
+        rep.warn(
+            f"latency budgets are read in regime {table.regime.key}, not in llama.cpp; for llama.cpp budgets run "
+            "`flex profile --runtime llama.cpp` and extract with --regime llama.cpp"
+        )
+    wants_router = wants_latency(o.request)
     router = load_router(elastic, "static") if wants_router else None
     targets = resolve_targets(elastic, spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
     outs = _outputs(elastic, o.output, targets, ".gguf" if o.fmt == "gguf" else "")
@@ -114,6 +124,10 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
         ]
     res.seconds = round(time.time() - t0, 3 if o.dry_run else 2)
     return res
+
+
+def wants_latency(request: Request) -> bool:
+    return request.budgets is not None and any(b.kind != "params" for b in request.budgets)
 
 
 def _slug(label: str) -> str:

@@ -15,8 +15,8 @@ A table is only as good as the machine was quiet, so it is measured to be checke
   onto monotone), and raw entries that are slower than a wider neighbour by more than their noise are
   counted as evidence of a noisy run.
 - **Correction and validation.** A per-regime scale is fitted on `correct` random per-layer
-  configurations (per-layer entries from uniform models under-predict mixed ones by several percent),
-  and `validate` others are measured end to end against the prediction, each after the reference.
+  configurations (per-layer entries come from uniform models, which can mis-predict mixed ones), and
+  `validate` others are measured end to end against the prediction, each in pairs with the reference.
 - **Refusal.** A table whose rounds disagree, whose raw entries are not monotone beyond noise, whose
   smallest configuration is not faster than the full model, or which fails its own validation is not
   written (exit 1 with the numbers), unless `accept_noisy`.
