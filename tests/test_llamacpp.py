@@ -162,23 +162,30 @@ def test_gguf_source_tokenizer_round_trips(tmp_path, tokenizer_dir, calib_file):
     assert a.tokenize(text) == b.tokenize(text)
 
 
-def test_profile_in_llama_cpp_then_route_and_extract_against_it(tmp_path, tokenizer_dir, calib_file):
+def test_profile_in_llama_cpp_then_route_and_extract_against_it(
+    tmp_path, tokenizer_dir, calib_file, monkeypatch
+):
     """The llama.cpp regime end to end: a table measured in llama.cpp (GGUF per configuration), a router
     trained against it, and an extracted GGUF timed in llama.cpp in pairs with the full model."""
     el, _, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 2)
     (el / "flex_latency.json").unlink()  # only the llama.cpp table
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the timed GGUF files go
     r = runner.invoke(
         app,
-        ["profile", str(el), "--runtime", "llama.cpp", "--seq-len", "32", "--rounds", "2", "--repeats", "3",
+        ["profile", str(el), "--runtime", "llama.cpp", "--gguf-type", "f32", "--seq-len", "32", "--rounds", "2", "--repeats", "3",
          "--correct", "2", "--validate", "3", "--accept-noisy", "--json"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     prof = json.loads(r.stdout)
     assert prof["regime"].startswith("llama.cpp:") and prof["runtime"] == "llama.cpp"
-    assert "|f16|b1|s32|prefill|" in prof["regime"] and prof["smallest_ms"] <= prof["full_ms"]
+    assert "|f32|b1|s32|prefill|" in prof["regime"] and prof["smallest_ms"] <= prof["full_ms"]
     table = json.loads((el / "flex_latency.json").read_text())["regimes"][prof["regime"]]
     assert table["header"]["llama_cpp"].startswith("llama.cpp via llama-cpp-python")
-    assert not list(tmp_path.glob("flex-llamacpp-*"))  # the scratch GGUFs are gone
+    assert list(scratch.iterdir()) == []  # the timed GGUF files and their directory are gone
     budget = f"{(prof['smallest_ms'] + prof['full_ms']) / 2:.4f}ms"
     r = runner.invoke(
         app,
@@ -186,7 +193,9 @@ def test_profile_in_llama_cpp_then_route_and_extract_against_it(tmp_path, tokeni
          "--sm-warmup", "8", "--json"],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
-    m = _extract(el, tmp_path / "b.gguf", "--budget", budget)
+    m = _extract(
+        el, tmp_path / "b.gguf", "--budget", budget, "--gguf-type", "f32"
+    )  # random model: exact type
     assert m["regime"] == prof["regime"] and m["measured_latency_ms"] > 0 and m["reference_ms"] > 0
     assert m["measured_at_table_speed_ms"] == pytest.approx(
         m["measured_latency_ms"] / (1 + m["reference_drift"]), rel=1e-6

@@ -107,10 +107,9 @@ def plan_gguf(
     from gguf.quants import quant_shape_to_byte_shape
 
     if gguf_type not in GGUF_TYPES:
-        raise UsageError(
-            f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}", option="gguf_type"
-        )
+        raise UsageError(f"must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}", option="gguf_type")
     arch = gguf_arch(family, cfg, spec)
+    _rope_theta(config)  # refuse an unsupported rope type before anything is written
     arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
     names = get_tensor_name_map(arch_id, len(cfg))
     tied = bool(config.get("tie_word_embeddings"))
@@ -250,7 +249,7 @@ def write_gguf(
             if hf_name != order[i]:
                 raise RuntimeError(f"tensor stream out of order: {hf_name} where {order[i]} was planned")
             i += 1
-            hit = spec_layer_unit(hf_name)
+            hit = _qk_projection(hf_name)
             if permute and hit is not None:
                 layer, which = hit
                 h = cfg[layer][1]
@@ -264,7 +263,7 @@ def write_gguf(
     return written
 
 
-def spec_layer_unit(hf_name: str) -> tuple[int, str] | None:
+def _qk_projection(hf_name: str) -> tuple[int, str] | None:
     """(layer, 'q' | 'k') for the Q/K projections (weights and biases) of the families flexcli exports."""
     parts = hf_name.split(".")
     if len(parts) >= 5 and parts[-3] == "self_attn" and parts[-2] in ("q_proj", "k_proj"):
