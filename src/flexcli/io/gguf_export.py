@@ -94,6 +94,19 @@ def _qtype(gguf_type: str, shape: list[int]):
     return want
 
 
+def _stored(shape: list[int], q) -> tuple[list[int], np.dtype, int]:
+    """(shape as the writer takes it, numpy dtype, bytes) of a tensor stored as `q`: f32 / f16 as arrays,
+    other types as the uint8 blocks gguf's quantizer returns."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quant_shape_to_byte_shape
+
+    if q in (Q.F32, Q.F16):
+        dtype = np.dtype(np.float32 if q == Q.F32 else np.float16)
+        return list(shape), dtype, math.prod(shape) * dtype.itemsize
+    bshape = list(quant_shape_to_byte_shape(shape, q))
+    return bshape, np.dtype(np.uint8), math.prod(bshape)
+
+
 def plan_gguf(
     family: str,
     config: dict[str, Any],
@@ -104,7 +117,6 @@ def plan_gguf(
 ) -> GGUFPlan:
     """GGUF names, shapes and types of every tensor of the sub-model, from the headers alone."""
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-    from gguf.quants import quant_shape_to_byte_shape
 
     if gguf_type not in GGUF_TYPES:
         raise UsageError(f"must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}", option="gguf_type")
@@ -122,11 +134,7 @@ def plan_gguf(
         if g is None:
             raise UsageError(f"tensor {hf_name} has no name in llama.cpp's {arch} architecture")
         q = _qtype(gguf_type, shape)
-        total += (
-            math.prod(quant_shape_to_byte_shape(shape, q))
-            if q.name in ("BF16", "Q8_0")
-            else math.prod(shape) * (4 if q.name == "F32" else 2)
-        )
+        total += _stored(shape, q)[2]
         out.append((hf_name, f"{g}.{suffix}", list(shape), q))
     return GGUFPlan(arch, out, total)
 
@@ -215,9 +223,7 @@ def write_gguf(
 ) -> int:
     """Write the file at `path` (the caller commits it); returns the parameters written. `provenance`
     is kept as JSON under the key `flexcli.extract` (llama.cpp ignores keys it does not know)."""
-    from gguf import GGMLQuantizationType as Q
     from gguf import GGUFWriter
-    from gguf.quants import quant_shape_to_byte_shape
 
     w = GGUFWriter(path, plan.arch)
     try:
@@ -226,16 +232,8 @@ def write_gguf(
         if provenance is not None:
             w.add_string("flexcli.extract", json.dumps(provenance))
         for _, gname, shape, q in plan.tensors:
-            if q in (Q.F32, Q.F16):
-                w.add_tensor_info(
-                    gname,
-                    shape,
-                    np.dtype(np.float32 if q == Q.F32 else np.float16),
-                    math.prod(shape) * (4 if q == Q.F32 else 2),
-                )
-            else:
-                bshape = quant_shape_to_byte_shape(shape, q)
-                w.add_tensor_info(gname, bshape, np.dtype(np.uint8), math.prod(bshape), raw_dtype=q)
+            stored, dtype, nbytes = _stored(shape, q)
+            w.add_tensor_info(gname, stored, dtype, nbytes, raw_dtype=None if dtype != np.uint8 else q)
         w.write_header_to_file(path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
@@ -274,16 +272,23 @@ def _qk_projection(hf_name: str) -> tuple[int, str] | None:
 # -- tokenizer ----------------------------------------------------------------------------------------
 
 
-def save_tokenizer_block(reader: Any, dst: Path) -> None:
-    """Keep the tokenizer.* keys of a GGUF source as a tensor-free GGUF file in `dst`."""
-    from gguf import GGUFValueType, GGUFWriter
+def _copy_tokenizer_keys(reader: Any, w: Any) -> None:
+    """Every tokenizer.* key of a GGUF reader into a writer, with its value types."""
+    from gguf import GGUFValueType
 
-    arch = str(reader.fields["general.architecture"].contents())
-    w = GGUFWriter(dst / layout.GGUF_TOKENIZER, arch)
     for key, f in reader.fields.items():
         if key.startswith("tokenizer."):
             sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
             w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+
+
+def save_tokenizer_block(reader: Any, dst: Path) -> None:
+    """Keep the tokenizer.* keys of a GGUF source as a tensor-free GGUF file in `dst`."""
+    from gguf import GGUFWriter
+
+    arch = str(reader.fields["general.architecture"].contents())
+    w = GGUFWriter(dst / layout.GGUF_TOKENIZER, arch)
+    _copy_tokenizer_keys(reader, w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -294,12 +299,9 @@ def add_tokenizer(w: Any, src: Path, n_vocab: int) -> None:
     """The tokenizer.* keys: copied from a kept GGUF block, else translated from the HF tokenizer files."""
     block = src / layout.GGUF_TOKENIZER
     if block.exists():
-        from gguf import GGUFReader, GGUFValueType
+        from gguf import GGUFReader
 
-        for key, f in GGUFReader(block).fields.items():
-            if key.startswith("tokenizer."):
-                sub = f.types[1] if f.types[0] == GGUFValueType.ARRAY else None
-                w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+        _copy_tokenizer_keys(GGUFReader(block), w)
         return
     tokens, scores, types, model, pre = hf_vocab(src, n_vocab)
     w.add_tokenizer_model(model)
