@@ -11,6 +11,9 @@ L2 flushed between runs); decode is timed under CUDA graphs. bf16. Writes OUT/ke
   K2 own GEMM >= 0.80x cuBLAS throughput on dense Llama shapes at M >= 2048
   K3 decode (M = 1) under CUDA graphs ratio(f) <= f + 0.10
   K4 ragged per-token widths (grouped launch and bucketed) <= 1.15x of ideal = sum rows * width / dense
+  backward: training step (forward + backward) of the differentiable prefix GEMM at M = 2048, the
+     backward GEMMs on cuBLAS slices (FLEX_KERNELS_BWD=torch, the default) vs the Triton kernel; the
+     default stays where this table says it is faster
 """
 
 # ruff: noqa: B023  (every lambda below is timed immediately, inside its own loop iteration)
@@ -103,6 +106,7 @@ def main() -> None:
         "gemm": [],
         "decode": [],
         "ragged": [],
+        "backward": [],
     }
 
     def mlp_cublas(x, wg, wu, wd, m):
@@ -191,6 +195,37 @@ def main() -> None:
         t_cu = bench(lambda: a_ @ w.T)
         t_tr = bench(lambda: tk.prefix_linear(a_, w, None, N, K))
         res["gemm"].append({"MNK": [M, N, K], "triton_over_cublas_throughput": t_cu / t_tr, "target": 0.80})
+    # backward: forward + backward of the autograd Function, each backward backend, at M = big_m
+    from flexcli.kernels.autograd import PrefixLinear
+
+    h, f = next(iter(shapes.values()))
+    for which, (N, K) in (("out", (f, h)), ("in", (h, f))):
+        w = (torch.randn(N, K, device=dev, dtype=dt) * 0.02).requires_grad_()
+        for frac in FRACS:
+            width = max(quantum, int((N if which == "out" else K) * frac) // quantum * quantum)
+            n, k = (width, K) if which == "out" else (N, width)
+            x = torch.randn(big_m, k, device=dev, dtype=dt, requires_grad=True)
+            gy = torch.randn(big_m, n, device=dev, dtype=dt)
+            times = {}
+            for backend in ("torch", "triton"):
+                os.environ["FLEX_KERNELS_BWD"] = backend
+
+                def step():
+                    w.grad = x.grad = None
+                    PrefixLinear.apply(x, w, None, n, k).backward(gy)
+
+                times[backend] = bench(step)
+            os.environ.pop("FLEX_KERNELS_BWD")
+            res["backward"].append(
+                {
+                    "width": which,
+                    "N": N,
+                    "K": K,
+                    "M": big_m,
+                    "f": frac,
+                    "triton_over_cublas": times["triton"] / times["torch"],
+                }
+            )
     # ragged: rows in 4 equal buckets at f in {1, .75, .5, .25}
     h, f = next(iter(shapes.values()))
     rows = 4096 if gpu else 32
@@ -265,6 +300,15 @@ def main() -> None:
     md += [
         f"| {r['mode']} | {r['grouped_over_ideal']:.3f} | {r['bucketed_over_ideal']:.3f} | <= 1.15 |"
         for r in res["ragged"]
+    ]
+    md += [
+        "",
+        "| training step (fwd + bwd), M=2048 | N x K | f | Triton backward / cuBLAS-slice backward (time) |",
+        "|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['width']} | {r['N']}x{r['K']} | {r['f']} | {r['triton_over_cublas']:.3f} |"
+        for r in res["backward"]
     ]
     (out / f"kernels_{slug}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

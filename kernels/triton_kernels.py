@@ -79,35 +79,22 @@ def _prefix_kernel(
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
+def prefix_args(x2, w, w2, b, b2, y, n, k, swiglu) -> tuple[tuple, dict]:
+    """The positional and constexpr arguments of one `_prefix_kernel` launch (also what the test of
+    its compile cache key binds)."""
+    args = (x2, w, w2 if w2 is not None else w, b if b is not None else w, b2 if b2 is not None else w, y,
+            x2.shape[0], n, k, x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))  # fmt: skip
+    meta = dict(HAS_BIAS=b is not None, SWIGLU=swiglu, UPCAST=INTERPRET, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    return args, meta
+
+
 def _launch(x2, w, w2, b, b2, n, k, swiglu, out=None):
     M = x2.shape[0]
     y = torch.empty(M, n, dtype=x2.dtype, device=x2.device) if out is None else out.view(M, n)
     if M == 0 or n == 0:
         return y
-    grid = (triton.cdiv(M, BM), triton.cdiv(n, BN))
-    _prefix_kernel[grid](
-        x2,
-        w,
-        w2 if w2 is not None else w,
-        b if b is not None else w,
-        b2 if b2 is not None else w,
-        y,
-        M,
-        n,
-        k,
-        x2.stride(0),
-        x2.stride(1),
-        w.stride(0),
-        w.stride(1),
-        y.stride(0),
-        y.stride(1),
-        HAS_BIAS=b is not None,
-        SWIGLU=swiglu,
-        UPCAST=INTERPRET,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_K=BK,
-    )
+    args, meta = prefix_args(x2, w, w2, b, b2, y, n, k, swiglu)
+    _prefix_kernel[(triton.cdiv(M, BM), triton.cdiv(n, BN))](*args, **meta)
     return y
 
 
