@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-scale bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ bench-extract: install
 
 bench-kernels: install
 	$(BIN)/python bench/bench_kernels.py
+
+# 1.1B- and 7B-shaped random Llama checkpoints (bf16, cached in $$FLEX_CACHE/scale or ~/.cache/flexcli/scale,
+# removed afterwards): convert (prune-only) and extract times and memory per stage, profile of a 7B-shaped
+# 2-layer model before/after issue 21 -> docs/results/scale.{md,json}. ~45 GB of free disk, ~20 min.
+bench-scale: install
+	$(BIN)/python bench/bench_scale.py $(BENCH_SCALE_ARGS)
 
 # GPU evidence in one run (kernel tests compiled, bench-kernels, CUDA latency tables) -> $(OUT); see
 # bench/gpu_check.sh. gpu-check-dry runs the same steps at toy sizes on this CPU first.

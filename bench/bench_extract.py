@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import ROOT, proc_memory, random_llama
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
     "tiny": (
         256,
@@ -70,22 +70,16 @@ def write_elastic(path: Path, size: str, sparse: bool) -> None:
     from flexcli.io.safetensors import ShardPlan, StreamingWriter
 
     h, f, n, heads, kv, vocab = SHAPES[size]
-    path.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(
-        hidden_size=h,
-        intermediate_size=f,
-        num_hidden_layers=n,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        torch_dtype="bfloat16",
-    )
-    cfg.architectures = ["LlamaForCausalLM"]
-    cfg.save_pretrained(path)
-    plan = ShardPlan.make([(name, "BF16", shape) for name, shape in llama_tensors(size)], 10 * 10**9)
+    sizes = dict(hidden_size=h, intermediate_size=f, num_hidden_layers=n, num_attention_heads=heads,
+                 num_key_value_heads=kv, vocab_size=vocab)  # fmt: skip
     if sparse:
         from flexcli.io.safetensors import _header_bytes
 
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = LlamaConfig(**sizes, torch_dtype="bfloat16")
+        cfg.architectures = ["LlamaForCausalLM"]
+        cfg.save_pretrained(path)
+        plan = ShardPlan.make([(name, "BF16", shape) for name, shape in llama_tensors(size)], 10 * 10**9)
         for fname, header, fsize in zip(plan.files, plan.headers, plan.sizes):
             hb = _header_bytes(header)
             with open(path / fname, "wb") as fh:
@@ -93,11 +87,7 @@ def write_elastic(path: Path, size: str, sparse: bool) -> None:
                 fh.truncate(fsize)
         StreamingWriter(path, plan).close()  # checks the sizes, writes the index
     else:
-        w = StreamingWriter(path, plan)
-        g = torch.Generator().manual_seed(0)
-        for name, shape in llama_tensors(size):
-            w.write(name, (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16))
-        w.close()
+        random_llama(path, sizes, 10 * 10**9)
     spec = ElasticSpec.build(
         "llama",
         Dims(n, h, f, heads, kv, h // heads, vocab, False),
@@ -133,9 +123,7 @@ def peak_rss_anon(cmd: list[str]) -> tuple[float, int, int]:
     def poll():
         while p.poll() is None:
             try:
-                for line in open(f"/proc/{p.pid}/status"):
-                    if line.startswith("RssAnon:"):
-                        peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+                peak[0] = max(peak[0], proc_memory(p.pid)["RssAnon"])
             except OSError:
                 pass
             time.sleep(0.02)

@@ -38,13 +38,25 @@ def gguf_name(hf: str) -> str:
     return f"{HF_TO_GGUF[stem]}.{suffix}"
 
 
+def rope_order(n_head: int, head_dim: int) -> list[int]:
+    """The rotary row layout from its definition, index by index: Hugging Face rotates row i of a head
+    with row i + head_dim/2 (half split); llama.cpp rotates adjacent rows 2i and 2i+1. Entry r is the
+    Hugging Face row that llama.cpp's row r holds."""
+    order = []
+    for h in range(n_head):
+        for i in range(head_dim // 2):
+            order += [h * head_dim + i, h * head_dim + head_dim // 2 + i]
+    return order
+
+
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter: each head's rows (pairs interleaved) -> (first halves, second halves)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """Hugging Face -> llama.cpp rotary order of Q or K rows (what llama.cpp's converter writes)."""
+    return w[rope_order(n_head, w.shape[0] // n_head)]
 
 
 def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """llama.cpp -> Hugging Face rotary order."""
+    return w[np.argsort(rope_order(n_head, w.shape[0] // n_head))]
 
 
 def _k_quant_blocks(rows: int, cols: int, qtype, rng: np.random.Generator) -> np.ndarray:

@@ -136,3 +136,27 @@ def test_uniform_width_report(tmp_path, tokenizer_dir, calib_file):
     res = convert(str(src), _opts(calib_file, eval_data=str(calib_file), output=tmp_path / "out"))
     assert [w.ratio for w in res.widths] == [1.0, 0.75, 0.5, 0.25]
     assert all(w.ppl > 1 for w in res.widths)
+
+
+def test_prune_only_convert_never_loads_the_model(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    """Without training or evaluation, convert scores the source layer by layer from its files and streams
+    the permuted tensors: the whole model is never loaded, and the checkpoint equals the one a
+    whole-model conversion (held-out evaluation on, so the model is loaded) writes, byte for byte."""
+    from flexcli.io.source import SourceModel
+
+    src = make_model(tmp_path / "src", tokenizer_dir, "mistral", 8, 2, False, layers=3, shard="60KB")
+    loaded = convert(str(src), _opts(calib_file, output=tmp_path / "whole", eval_data=str(calib_file)))
+    assert loaded.widths  # the model was loaded to evaluate it
+
+    def refuse(*a, **k):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(SourceModel, "load_model", refuse)
+    streamed = convert(str(src), _opts(calib_file, output=tmp_path / "layerwise"))
+    assert not streamed.widths
+    for name in (
+        "flex_importance.safetensors",
+        *(f.name for f in (tmp_path / "whole").glob("*.safetensors")),
+    ):
+        a, b = load_file(tmp_path / "whole" / name), load_file(tmp_path / "layerwise" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

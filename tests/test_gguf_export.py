@@ -212,3 +212,17 @@ def test_llama_cpp_runtime_needs_llama_cpp_python(tmp_path, tokenizer_dir, calib
     assert r.exit_code == 2 and "llama-cpp-python is not installed" in r.stderr
     r = runner.invoke(app, ["profile", str(el), "--runtime", "onnx"])
     assert r.exit_code == 2 and "--runtime" in r.stderr
+
+
+@pytest.mark.parametrize("n_head,head_dim", [(1, 2), (2, 8), (3, 64)])
+def test_rotary_rows_follow_llamacpp_layout(n_head, head_dim):
+    """The exporter's Q/K row order against the layout's definition (gguf_files.rope_order, index by
+    index): llama.cpp's rows 2i and 2i+1 of a head are Hugging Face's rows i and i + head_dim/2."""
+    from gguf_files import rope_order
+
+    from flexcli.io.gguf_export import _rope_rows
+
+    rows = torch.arange(n_head * head_dim)
+    assert _rope_rows(rows[:, None].expand(-1, 3), n_head)[:, 0].tolist() == rope_order(n_head, head_dim)
+    assert _rope_rows(rows, n_head).tolist() == rope_order(n_head, head_dim)  # biases too
+    assert rope_order(1, 4) == [0, 2, 1, 3]  # the definition itself, by hand

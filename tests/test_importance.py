@@ -65,3 +65,34 @@ def test_taylor_head_scores_match_autograd(tmp_path, tokenizer_dir):
         model.zero_grad(set_to_none=True)
     for i in range(dims.num_layers):
         assert torch.allclose(got[i]["qhead"], want[i], rtol=1e-4), (got[i]["qhead"], want[i])
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "family,heads,kv,tied,shard",
+    [("llama", 4, 2, False, None), ("qwen2", 4, 1, True, None), ("mistral", 8, 2, False, "60KB")],
+)
+def test_layerwise_scores_equal_whole_model_scores(tmp_path, tokenizer_dir, family, heads, kv, tied, shard):
+    """Scoring one layer at a time from the files (what a prune-only convert does) gives the whole
+    model's scores: same hooks, hidden states carried between layers; sharded sources too."""
+    import torch
+    from conftest import make_model
+    from transformers import AutoModelForCausalLM
+
+    from flexcli.elastic.importance import compute_importance, compute_importance_layerwise
+    from flexcli.io.source import SourceModel
+
+    path = make_model(tmp_path / "m", tokenizer_dir, family, heads, kv, tied, layers=3, shard=shard)
+    src = SourceModel.open(path)
+    assert (len(src.weight_files) > 1) == (shard is not None)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seqs = torch.randint(0, 300, (5, 19), generator=torch.Generator().manual_seed(0))
+    want = compute_importance(model, src.arch, src.dims, seqs, batch_size=2)
+    done = []
+    got = compute_importance_layerwise(src, seqs, torch.device("cpu"), torch.float32, 2, done.append)
+    assert len(done) == src.dims.num_layers == 3
+    for g, w in zip(got, want):
+        for unit in ("neuron", "qhead"):
+            assert torch.allclose(g[unit], w[unit], rtol=1e-5, atol=1e-6), (unit, g[unit], w[unit])

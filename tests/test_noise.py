@@ -18,19 +18,21 @@ from flexcli.commands.profile import NoisyTable, ProfileOptions, profile
 from flexcli.io import layout
 from flexcli.latency.profile import Session, monotone, monotone_violations, random_configs
 from flexcli.latency.table import Regime, load_table
-from flexcli.latency.timing import Timing
+from flexcli.latency.timing import Paired, Timing
 
 FIXED = 1.0
 
 
 class Synthetic:
     """A runtime whose call costs FIXED + sum over layers of (0.2 + mlp/M + 0.5*heads/H) ms, times the
-    machine's speed at that moment, times (1 + mixed) for per-layer-mixed configurations, with noise."""
+    machine's speed at that moment, times (1 + mixed) for per-layer-mixed configurations, with noise.
+    A paired timing's spread (its pairs' disagreement) is `pair_spread`, default twice the noise."""
 
     name = "torch"
 
-    def __init__(self, spec, speed=lambda t: 1.0, noise=0.0, mixed=0.0, flat=False):
+    def __init__(self, spec, speed=lambda t: 1.0, noise=0.0, mixed=0.0, flat=False, pair_spread=None):
         self.spec, self.speed, self.noise, self.mixed, self.flat = spec, speed, noise, mixed, flat
+        self.pair_spread = 2 * noise if pair_spread is None else pair_spread
         self.regime = Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0)
         self.header = {"threads": 1}
         self.sync = lambda: None
@@ -65,11 +67,11 @@ class Synthetic:
         base = FIXED if fn == "fixed" else self.cost(fn)
         return Timing(base * self.speed(self.t) * (1 + self.noise * self.rng.uniform(-1, 1)), 0.0, 1)
 
-    def paired(self, fn) -> tuple[float, float]:
+    def paired(self, fn) -> Paired:
         """fn and the full model at the same moment (each with its own noise)."""
         x = self.timing(fn).ms
         self.t -= 1
-        return x, self.timing(tuple(self.spec.full())).ms
+        return Paired(x, self.timing(tuple(self.spec.full())).ms, self.pair_spread)
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +126,32 @@ def test_mixed_widths_are_corrected_by_default(runtime, elastic):
 
 
 def test_a_noisy_machine_is_refused_and_nothing_is_written(runtime, elastic):
-    runtime(noise=0.6)
+    """Rounds that disagree (each timing's pairs agreeing well enough) are refused after all rounds."""
+    rt = runtime(noise=0.6, pair_spread=0.1)
     with pytest.raises(NoisyTable) as e:
         profile(elastic, ProfileOptions())
     msg = str(e.value)
     assert "between rounds" in msg and "--repeats" in msg and "--accept-noisy" in msg and "\n" not in msg
+    assert rt.t > 3 * 29  # every round ran (28 entries and the fixed part, 3 rounds), then correction
     assert not (elastic / layout.LATENCY).exists()
     runtime(noise=0.6)
     res = profile(elastic, ProfileOptions(accept_noisy=True))
     assert res.problems and load_table(elastic).header["problems"] == res.problems
+
+
+def test_a_hopeless_machine_is_refused_after_the_first_round(runtime, elastic):
+    """Paired timings already far noisier than the limit in round 1: refused there, with the same kind of
+    one-line message, before the remaining rounds, the correction and the validation."""
+    rt = runtime(noise=0.6)  # pairs disagree by 120%: 12x the 10% limit
+    with pytest.raises(NoisyTable) as e:
+        profile(elastic, ProfileOptions(validate=20))
+    msg = str(e.value)
+    assert msg.startswith("latency table not written: entries varied by a median 120% within the first")
+    assert "stopped after round 1 of 3" in msg and "--accept-noisy" in msg and "\n" not in msg
+    assert rt.t == 29  # one timing per item of round 1, nothing after
+    assert not (elastic / layout.LATENCY).exists()
+    runtime(noise=0.0, pair_spread=0.29)  # just inside 3x the limit: all rounds run and the table passes
+    assert profile(elastic, ProfileOptions()).problems == []
 
 
 def test_width_that_buys_nothing_is_refused(runtime, elastic):

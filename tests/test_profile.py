@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,8 +16,9 @@ from flexcli.cli import app
 from flexcli.commands.convert import ConvertOptions, convert
 from flexcli.commands.profile import ProfileOptions, profile
 from flexcli.errors import InfeasibleError, UsageError
+from flexcli.io import layout
 from flexcli.io.layout import LATENCY_FORMAT
-from flexcli.latency.profile import validation_stats
+from flexcli.latency.profile import at_table_speed, validation_stats
 from flexcli.latency.table import LatencyTable, Regime, load_table
 
 runner = CliRunner()
@@ -50,15 +52,23 @@ def test_profile_writes_versioned_table_and_validation(elastic):
     refs = [c["full_model_ms_before"] for c in v["configs"]]
     assert {k: v[k] for k in validation_stats(pred, meas)} == validation_stats(pred, meas)
     assert v["reference_drift"] == pytest.approx(max(refs) / min(refs) - 1)
-    full = t.predict(t_full := [(m[0], h[0]) for m, h in zip(t.mlp, t.heads)], corrected=False)
-    assert v["drift_normalized"] == validation_stats(pred, [m * full / r for m, r in zip(meas, refs)])
+    assert v["drift_normalized"]["n"] == 4
+    t_full = [(m[0], h[0]) for m, h in zip(t.mlp, t.heads)]
     assert t_full == [(128, 4)] * 2
-    # the correction: least squares on timings rescaled to the machine's speed at table time
+    # the correction is the least-squares scale of the predictions onto the timings at table speed:
+    # any other scale fits them worse
     corr = t.header["correction"]["configs"]
     assert len(corr) == 2
-    cp = [t.predict([(x["mlp"], x["heads"]) for x in c["config"]], corrected=False) for c in corr]
-    cm = [c["measured_ms"] * full / c["full_model_ms_before"] for c in corr]
-    assert t.scale == pytest.approx(sum(p * m for p, m in zip(cp, cm)) / sum(p * p for p in cp))
+    cfgs = [[(x["mlp"], x["heads"]) for x in c["config"]] for c in corr]
+    cp = [t.predict(c, corrected=False) for c in cfgs]
+    cm = at_table_speed(
+        t,
+        layout.read_spec(elastic),
+        [c["measured_ms"] for c in corr],
+        [c["full_model_ms_before"] for c in corr],
+    )
+    sse = lambda s: sum((s * p - m) ** 2 for p, m in zip(cp, cm))  # noqa: E731
+    assert sse(t.scale) < min(sse(t.scale * 1.01), sse(t.scale * 0.99))
     for c in v["configs"]:  # every stored prediction is the table's additive model
         cfg = [(x["mlp"], x["heads"]) for x in c["config"]]
         assert c["predicted_ms"] == pytest.approx(t.predict(cfg))
@@ -97,6 +107,17 @@ def test_latency_model_is_additive_and_expectation_matches():
     assert t.smallest_ms() < t.full_ms()
     with pytest.raises(InfeasibleError, match="smallest"):
         t.check_budget(t.smallest_ms() * 0.9)
+
+
+def test_timings_rescaled_to_table_speed():
+    """A timing taken while the full model ran at twice the table's full-model time was taken on a machine
+    twice as slow: at table speed it is half; at the table's own speed it is unchanged."""
+    t = _table()
+    full = t.predict([(96, 4)] * 3, corrected=False)  # 0.5 + three layers' (96, 4) entries
+    assert full == pytest.approx(0.5 + sum(t.ms[i][0][0] for i in range(3)))
+    spec = SimpleNamespace(full=lambda: [(96, 4)] * 3)  # the table's full model
+    got = at_table_speed(t, spec, [3.0, 1.5, 0.6], [2 * full, full, 0.5 * full])
+    assert got == pytest.approx([1.5, 1.5, 1.2])
 
 
 def test_validation_arithmetic():

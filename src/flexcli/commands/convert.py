@@ -20,7 +20,13 @@ from .. import __version__
 from ..arch.spec import ElasticSpec
 from ..device import autocast_dtype, resolve_device
 from ..elastic.evaluate import UniformWidth, uniform_width_report
-from ..elastic.importance import Scores, compute_importance, random_scores
+from ..elastic.importance import (
+    Scores,
+    compute_importance,
+    compute_importance_layerwise,
+    layerwise_supported,
+    random_scores,
+)
 from ..elastic.permute import Perms, identity_permutations, permutations, permute_model_, permute_tensor
 from ..elastic.runtime import ElasticModel
 from ..errors import RuntimeFailure, UsageError
@@ -28,7 +34,7 @@ from ..io import layout
 from ..io.atomic import atomic_dir, check_output
 from ..io.project import record
 from ..io.safetensors import TORCH_TO_ST, write_model
-from ..io.source import Source, open_source
+from ..io.source import Source, SourceModel, open_source
 from ..progress import Reporter
 from ..recipe import Recipe, find_builtin, load_recipe, validate
 from ..train import distributed as D
@@ -183,10 +189,13 @@ def convert(
                 if resume_from is None and not job.ckpts.list():
                     shutil.rmtree(job.ckpts.root, ignore_errors=True)
                 raise
-    with rep.task("loading model"):
-        hf = job.src.load_model(device, job.recipe.dtype)
-    scores, perms = _calibrate(job, hf, resume_from, rep)
-    permute_model_(hf, job.src.arch, job.src.dims, perms)
+    hf = None
+    if _needs_model(job):
+        with rep.task("loading model"):
+            hf = job.src.load_model(device, job.recipe.dtype)
+    scores, perms = _calibrate(job, hf, device, resume_from, rep)
+    if hf is not None:
+        permute_model_(hf, job.src.arch, job.src.dims, perms)
     train_report = None
     if job.training:
         assert train_data is not None
@@ -240,11 +249,41 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
     return _Job(recipe, src, source_desc, out, spec, ckpts, tok, calib, eval_seqs)
 
 
-def _calibrate(job: _Job, hf, resume_from: Path | None, rep: Reporter) -> tuple[Scores | None, Perms]:
-    """Importance scores and the permutations they induce (read back when resuming, so never re-ranked)."""
+def _needs_model(job: _Job) -> bool:
+    """Whether the whole model must be loaded: to train it, to evaluate it, or to score it at once.
+    A prune-only conversion scores a safetensors source layer by layer and streams the permuted tensors
+    from the source files, so its memory is one layer, not the model."""
+    imp = job.recipe.importance
+    if job.training or job.eval_seqs is not None:
+        return True
+    return (
+        imp.order == "importance"
+        and layerwise_supported(job.src, job.calib.shape[1], imp.head_score) is not None
+    )
+
+
+def _calibrate(
+    job: _Job, hf, device: torch.device, resume_from: Path | None, rep: Reporter
+) -> tuple[Scores | None, Perms]:
+    """Importance scores and the permutations they induce (read back when resuming, so never re-ranked);
+    layer by layer from the source files when the model is not loaded."""
     src, order = job.src, job.recipe.importance.order
     if resume_from is not None:
         return layout.read_importance(job.ckpts.root / "perms.safetensors", src.dims.num_layers)
+    if order == "importance" and hf is None:
+        assert isinstance(src, SourceModel)
+        with rep.task("calibration (importance, layer by layer)", total=src.dims.num_layers) as task:
+            scores = compute_importance_layerwise(
+                src,
+                job.calib,
+                device,
+                getattr(torch, job.recipe.dtype),
+                job.recipe.calibration.batch_size,
+                task.advance,
+                autocast=autocast_dtype(device, "auto"),
+            )
+        scores = D.broadcast_object(scores)
+        return scores, permutations(scores, src.dims)
     if order == "importance":
         with rep.task("calibration (importance)", total=job.calib.shape[0]) as task:
             scores = compute_importance(

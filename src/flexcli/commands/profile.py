@@ -17,6 +17,7 @@ from ..latency.profile import (
     measure_table,
     open_session,
     problems,
+    refusal,
     validate_table,
 )
 from ..latency.table import save_table
@@ -80,10 +81,7 @@ def profile(elastic: Path, options: ProfileOptions, reporter: Reporter | None = 
     found = problems(table, options)
     table.header["problems"] = found
     if found and not options.accept_noisy:
-        raise NoisyTable(
-            f"latency table not written: {'; '.join(found)}. Quiet the machine (nothing else running) or raise "
-            f"--repeats / --rounds; --accept-noisy writes it anyway"
-        )
+        raise refusal(found)
     for p in found:
         rep.warn(f"noisy table written (--accept-noisy): {p}")
     save_table(elastic, table)

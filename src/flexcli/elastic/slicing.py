@@ -56,18 +56,28 @@ def layer_hf_config(config, spec: ElasticSpec, mlp: int, heads: int):
 
 @torch.no_grad()
 def sliced_model(model: nn.Module, arch: Architecture, spec: ElasticSpec, cfg: Config) -> nn.Module:
-    """A new model, built from stock transformers classes, whose layers have the sliced sizes of `cfg`."""
+    """A new model, built from stock transformers classes, whose layers have the sliced sizes of `cfg`.
+
+    Built on the meta device and filled by assignment: no weight is initialised and then overwritten.
+    Sliced tensors are new contiguous copies; unsliced ones (embeddings, norms, LM head, full-width
+    layers) and the buffers outside the state dict (rotary tables) are shared with `model`, so a
+    sub-model costs only its sliced weights (the profiler opens one per timed configuration)."""
     spec.check(cfg)
-    new = type(model)(copy.deepcopy(model.config)).to(next(model.parameters()).dtype)
-    for i, (layer, (m, h)) in enumerate(zip(new.get_submodule(arch.layers), cfg)):
-        lc = layer_hf_config(model.config, spec, m, h)
-        setattr(layer, arch.mlp, type(getattr(layer, arch.mlp))(lc))
-        setattr(layer, arch.attention, type(getattr(layer, arch.attention))(lc, layer_idx=i))
+    with torch.device("meta"):
+        new = type(model)(copy.deepcopy(model.config))
+        for i, (layer, (m, h)) in enumerate(zip(new.get_submodule(arch.layers), cfg)):
+            lc = layer_hf_config(model.config, spec, m, h)
+            setattr(layer, arch.mlp, type(getattr(layer, arch.mlp))(lc))
+            setattr(layer, arch.attention, type(getattr(layer, arch.attention))(lc, layer_idx=i))
     state = {n: slice_tensor(n, t, arch, spec, cfg) for n, t in model.state_dict().items()}
-    new.load_state_dict(state, strict=True)
+    new.load_state_dict(state, strict=True, assign=True)
+    for name, module in list(new.named_modules()):  # non-persistent buffers: the source's module
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            parent, _, child = name.rpartition(".")
+            setattr(new.get_submodule(parent) if parent else new, child, model.get_submodule(name))
     if getattr(model.config, "tie_word_embeddings", False):
         new.tie_weights()
-    return new.to(next(model.parameters()).device).eval()
+    return new.eval()
 
 
 def planned_specs(src: SourceModel, spec: ElasticSpec, cfg: Config) -> list[TensorSpec]:

@@ -239,6 +239,21 @@ class SourceModel:
                 for name in st.keys():
                     yield name, st.get_tensor(name)
 
+    def tensor_names(self) -> list[str]:
+        """Every tensor name (safetensors sources: from the index or the header)."""
+        return list(self.weight_map)
+
+    def read_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors only, read from their safetensors files (nothing else is touched)."""
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for f, ns in by_file.items():
+            with safe_open(str(f), framework="pt") as st:
+                out.update({n: st.get_tensor(n) for n in ns})
+        return out
+
     def tensor_specs(self) -> list[TensorSpec]:
         """(name, dtype, shape) of every tensor in stored order: from the headers, or for pickle weights
         from a memory-mapped pass."""

@@ -19,7 +19,9 @@ A table is only as good as the machine was quiet, so it is measured to be checke
   `validate` others are measured end to end against the prediction, each in pairs with the reference.
 - **Refusal.** A table whose rounds disagree, whose raw entries are not monotone beyond noise, whose
   smallest configuration is not faster than the full model, or which fails its own validation is not
-  written (exit 1 with the numbers), unless `accept_noisy`.
+  written (exit 1 with the numbers), unless `accept_noisy`. A machine too noisy to ever pass is refused
+  after the first round: when the entries' paired timings already vary by a median of more than
+  `EARLY_STOP` x the noise limit, the remaining rounds, correction and validation are not run.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from ..errors import RuntimeFailure, UsageError
 from ..io import layout
 from ..progress import Reporter
 from .table import LatencyTable
-from .timing import Timing, TimingPolicy, time_fn, time_paired
+from .timing import Paired, Timing, TimingPolicy, time_fn, time_paired
 
 RUNTIMES = ("torch", "llama.cpp")
 PHASES = ("prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
 FITS = ("bilinear", "none")
+EARLY_STOP = 3.0  # refuse after round 1 when its paired timings vary by this many times the noise limit
 
 
 @dataclass(kw_only=True)
@@ -105,6 +108,14 @@ class ProfileOptions:
 
 class NoisyTable(RuntimeFailure):
     """The table failed its own checks and was not written."""
+
+
+def refusal(found: list[str]) -> NoisyTable:
+    """The one-line error for a table that failed the checks in `found` (short clauses)."""
+    return NoisyTable(
+        f"latency table not written: {'; '.join(found)}. Quiet the machine (nothing else running) or raise "
+        f"--repeats / --rounds; --accept-noisy writes it anyway"
+    )
 
 
 def smooth_bilinear(raw: list[list[float]], mlp: list[int], heads: list[int]) -> list[list[float]]:
@@ -200,8 +211,8 @@ class Session:
             self._ref = self._ref_cm.__enter__()
         return self._ref
 
-    def paired(self, fn) -> tuple[float, float]:
-        """(ms of `fn`, ms of the full model at the same moment): adjacent samples of both, alternating."""
+    def paired(self, fn) -> Paired:
+        """`fn` and the full model at the same moments: adjacent samples of both, alternating."""
         return time_paired(fn, self._reference_fn(), self.backend.sync, self.policy)
 
     def measure(
@@ -215,9 +226,9 @@ class Session:
                     if refs is None:
                         out.append(self.timing(fn).ms)
                     else:
-                        x, r = self.paired(fn)
-                        out.append(x)
-                        refs.append(r)
+                        p = self.paired(fn)
+                        out.append(p.ms)
+                        refs.append(p.ref_ms)
                 if cfg != self.spec.full():
                     self.backend.forget(cfg)
                 task.advance(1)
@@ -226,25 +237,42 @@ class Session:
     def rounds(
         self, items: dict[Any, Callable[[], Any]], rep: Reporter, what: str
     ) -> tuple[dict[Any, float], dict[Any, float], list[float]]:
-        """Interleaved rounds: (median drift-normalized ms, round-to-round spread, reference timings)."""
+        """Interleaved rounds: (median drift-normalized ms, round-to-round spread, reference timings).
+        Raises NoisyTable after the first round when it is already far too noisy (unless accept_noisy)."""
         rng = random.Random(self.o.seed)
-        samples: dict[Any, list[tuple[float, float]]] = {k: [] for k in items}
+        samples: dict[Any, list[Paired]] = {k: [] for k in items}
         with rep.task(what, total=len(items) * self.o.rounds) as task:
-            for _ in range(self.o.rounds):
+            for i in range(self.o.rounds):
                 order = list(items)
                 rng.shuffle(order)
                 for k in order:
                     with items[k]() as fn:
                         samples[k].append(self.paired(fn))
                     task.advance(1)
-        refs = [r for v in samples.values() for _, r in v]
+                if i == 0 and not self.o.accept_noisy:
+                    self._stop_if_hopeless([v[0] for v in samples.values()])
+        refs = [p.ref_ms for v in samples.values() for p in v]
         ref_med = statistics.median(refs)
         med, noise = {}, {}
         for k, v in samples.items():
-            norm = [x * ref_med / r for x, r in v]
+            norm = [p.ms * ref_med / p.ref_ms for p in v]
             med[k] = statistics.median(norm)
             noise[k] = (max(norm) - min(norm)) / med[k] if med[k] > 0 else 0.0
         return med, noise, refs
+
+    def _stop_if_hopeless(self, first: list[Paired]) -> None:
+        """Refuse now when the first round's paired timings vary by more than EARLY_STOP x the noise limit:
+        the rounds to come would be refused too, after many more minutes."""
+        spread = statistics.median(p.spread for p in first)
+        if spread > EARLY_STOP * self.o.max_noise:
+            drift = max(p.ref_ms for p in first) / min(p.ref_ms for p in first) - 1
+            raise refusal(
+                [
+                    f"entries varied by a median {spread:.0%} within the first round's paired timings "
+                    f"(limit {self.o.max_noise:.0%}, stopped after round 1 of {self.o.rounds}; the reference "
+                    f"drifted {drift:.0%})"
+                ]
+            )
 
     def close(self) -> None:
         if self._ref_cm is not None:
@@ -328,8 +356,8 @@ class Alongside:
 def time_alongside(sess: Session, table: LatencyTable, fn, repeats: int = 3) -> Alongside:
     """Median of `repeats` paired timings of `fn` and the full model, against `table`."""
     pairs = [sess.paired(fn) for _ in range(repeats)]
-    x = statistics.median(p[0] for p in pairs)
-    r = statistics.median(p[1] for p in pairs)
+    x = statistics.median(p.ms for p in pairs)
+    r = statistics.median(p.ref_ms for p in pairs)
     full = table.predict(sess.spec.full(), corrected=False)
     return Alongside(x, r, r / full - 1, x * full / r)
 

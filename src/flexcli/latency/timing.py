@@ -13,7 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -67,13 +67,21 @@ def time_fn(fn: Callable[[], Any], sync: Callable[[], None], policy: TimingPolic
     return best
 
 
+class Paired(NamedTuple):
+    """One paired timing: `fn` and the reference at the same moments."""
+
+    ms: float  # fn: median per-pair ratio x median reference
+    ref_ms: float  # the reference: median of its samples
+    spread: float  # (max - min) / median of the per-pair ratios: noise the pairing could not cancel
+
+
 def time_paired(
     fn: Callable[[], Any], ref: Callable[[], Any], sync: Callable[[], None], policy: TimingPolicy
-) -> tuple[float, float]:
-    """(ms of `fn`, ms of `ref` at the same moment): `policy.repeats` pairs of adjacent samples, in
-    alternating order, after warming both up. The ms of `fn` is the median of the per-pair ratios times
-    the median of `ref`, so a machine whose speed changes from one second to the next (a shared VM) moves
-    both sides of each ratio together."""
+) -> Paired:
+    """(ms of `fn`, ms of `ref` at the same moment, spread of their ratio): `policy.repeats` pairs of
+    adjacent samples, in alternating order, after warming both up. The ms of `fn` is the median of the
+    per-pair ratios times the median of `ref`, so a machine whose speed changes from one second to the
+    next (a shared VM) moves both sides of each ratio together."""
     t0, n = time.perf_counter(), 0
     while n < policy.min_warmup_calls or time.perf_counter() - t0 < policy.warmup_s:
         fn()
@@ -99,8 +107,8 @@ def time_paired(
             b, a = sample(ref), sample(fn)
         ratios.append(a / b)
         refs.append(b)
-    r = statistics.median(refs)
-    return statistics.median(ratios) * r, r
+    r, q = statistics.median(refs), statistics.median(ratios)
+    return Paired(q * r, r, (max(ratios) - min(ratios)) / q if q > 0 else 0.0)
 
 
 def cache_kw(model) -> str:
