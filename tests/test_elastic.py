@@ -104,3 +104,31 @@ def test_gqa_choices_follow_the_rule(tokenizer_dir):
     assert q.head_index(4)[0].tolist() == [0, 1, 4, 5]
     mha = ElasticSpec.build("llama", Dims(2, 64, 96, 4, 4, 16, 100, False), [1.0], [1.0, 0.5], 64, "query")
     assert mha.gqa == "group"
+
+
+def test_sliced_model_initialises_nothing_and_shares_unsliced_tensors(tmp_path, tokenizer_dir, monkeypatch):
+    """What the profiler builds per timed configuration: no weight is initialised for real (the model is
+    built on the meta device and filled by assignment), unsliced tensors and the rotary tables are the
+    source's own, and nothing is left on the meta device."""
+    path, model, arch, dims, spec = _setup(tmp_path, tokenizer_dir, "llama-gqa-groups")
+    initialised = []
+    for name in ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_"):
+        real = getattr(torch.nn.init, name)
+
+        def spy(*a, _real=real, **k):
+            initialised.append((a[0] if a else k["tensor"]).is_meta)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(torch.nn.init, name, spy)
+    cfg = [(48, 4), (96, 8), (24, 2)]
+    sub = sliced_model(model, arch, spec, cfg)
+    assert initialised and all(initialised)  # only meta tensors were ever initialised
+    assert not any(t.is_meta for t in [*sub.parameters(), *sub.buffers()])
+    same = lambda a, b: a.data_ptr() == b.data_ptr()  # noqa: E731
+    assert same(sub.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert same(
+        sub.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight
+    )  # full width
+    assert not same(sub.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    assert sub.model.rotary_emb is model.model.rotary_emb
+    assert sub.model.layers[0].mlp.up_proj.weight.shape == (48, dims.hidden_size)

@@ -236,9 +236,10 @@ class Session:
 
     def rounds(
         self, items: dict[Any, Callable[[], Any]], rep: Reporter, what: str
-    ) -> tuple[dict[Any, float], dict[Any, float], list[float]]:
-        """Interleaved rounds: (median drift-normalized ms, round-to-round spread, reference timings).
-        Raises NoisyTable after the first round when it is already far too noisy (unless accept_noisy)."""
+    ) -> tuple[dict[Any, float], dict[Any, float], list[float], float]:
+        """Interleaved rounds: (median drift-normalized ms, round-to-round spread, reference timings, the
+        first round's median paired-timing spread). Raises NoisyTable after the first round when it is
+        already far too noisy (unless accept_noisy)."""
         rng = random.Random(self.o.seed)
         samples: dict[Any, list[Paired]] = {k: [] for k in items}
         with rep.task(what, total=len(items) * self.o.rounds) as task:
@@ -249,8 +250,10 @@ class Session:
                     with items[k]() as fn:
                         samples[k].append(self.paired(fn))
                     task.advance(1)
-                if i == 0 and not self.o.accept_noisy:
-                    self._stop_if_hopeless([v[0] for v in samples.values()])
+                if i == 0:
+                    first = statistics.median(v[0].spread for v in samples.values())
+                    if not self.o.accept_noisy:
+                        self._stop_if_hopeless(first, [v[0].ref_ms for v in samples.values()])
         refs = [p.ref_ms for v in samples.values() for p in v]
         ref_med = statistics.median(refs)
         med, noise = {}, {}
@@ -258,14 +261,13 @@ class Session:
             norm = [p.ms * ref_med / p.ref_ms for p in v]
             med[k] = statistics.median(norm)
             noise[k] = (max(norm) - min(norm)) / med[k] if med[k] > 0 else 0.0
-        return med, noise, refs
+        return med, noise, refs, first
 
-    def _stop_if_hopeless(self, first: list[Paired]) -> None:
-        """Refuse now when the first round's paired timings vary by more than EARLY_STOP x the noise limit:
-        the rounds to come would be refused too, after many more minutes."""
-        spread = statistics.median(p.spread for p in first)
+    def _stop_if_hopeless(self, spread: float, refs: list[float]) -> None:
+        """Refuse now when the first round's paired timings vary by a median `spread` of more than
+        EARLY_STOP x the noise limit: the rounds to come would be refused too, after many more minutes."""
         if spread > EARLY_STOP * self.o.max_noise:
-            drift = max(p.ref_ms for p in first) / min(p.ref_ms for p in first) - 1
+            drift = max(refs) / min(refs) - 1
             raise refusal(
                 [
                     f"entries varied by a median {spread:.0%} within the first round's paired timings "
@@ -384,7 +386,7 @@ def measure_table(sess: Session, rep: Reporter) -> tuple[LatencyTable, list[Tabl
     items: dict[Any, Callable[[], Any]] = {("entry", m, h): entry(m, h) for m in mlp for h in heads}
     items.update(sess.backend.fixed_items())
     n = len(items)
-    med, noise, refs = sess.rounds(items, rep, f"latency table ({n} timings x {o.rounds} rounds)")
+    med, noise, refs, first = sess.rounds(items, rep, f"latency table ({n} timings x {o.rounds} rounds)")
     fixed = max(0.0, sess.backend.fixed_ms(med))
     raw = [[(med[("entry", m, h)] - fixed) / L for h in heads] for m in mlp]
     spread = [[noise[("entry", m, h)] for h in heads] for m in mlp]
@@ -393,6 +395,7 @@ def measure_table(sess: Session, rep: Reporter) -> tuple[LatencyTable, list[Tabl
         "rounds": o.rounds,
         "noise_median": statistics.median(noise.values()),
         "noise_limit": o.max_noise,
+        "first_round_spread": first,  # median spread of round 1's paired timings (early refusal)
         "reference_drift": max(refs) / min(refs) - 1,
         "monotone_violations": monotone_violations(raw, spread),
         "raw_full_ms": med[("entry", mlp[0], heads[0])],
