@@ -150,9 +150,9 @@ def test_a_hopeless_machine_is_refused_after_the_first_round(runtime, elastic):
     assert "stopped after round 1 of 3" in msg and "--accept-noisy" in msg and "\n" not in msg
     assert rt.t == 29  # one timing per item of round 1, nothing after
     assert not (elastic / layout.LATENCY).exists()
-    runtime(noise=0.0, pair_spread=0.29)  # just inside 3x the limit: all rounds run and the table passes
+    runtime(noise=0.0, pair_spread=0.99)  # just inside 10x the limit: all rounds run and the table passes
     assert profile(elastic, ProfileOptions()).problems == []
-    assert load_table(elastic).header["checks"]["first_round_spread"] == pytest.approx(0.29)
+    assert load_table(elastic).header["checks"]["first_round_spread"] == pytest.approx(0.99)
 
 
 def test_width_that_buys_nothing_is_refused(runtime, elastic):
