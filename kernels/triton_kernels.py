@@ -8,7 +8,9 @@
   group g uses width w_g as its output width (mode "out") or inner width (mode "in").
 
 Under TRITON_INTERPRET=1 (CPU tests) operands are upcast to fp32 before tl.dot, because the interpreter
-mishandles bf16 dots; on GPUs the dot runs in the input dtype with fp32 accumulation.
+mishandles bf16 dots; on GPUs the dot runs in the input dtype with fp32 accumulation. fp32 operands are
+multiplied in full precision (`input_precision="ieee"`), as torch's own fp32 matmul is by default;
+Triton's default would round them to TF32 on tensor cores.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def _prefix_kernel(
     HAS_BIAS: tl.constexpr,
     SWIGLU: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -63,12 +66,12 @@ def _prefix_kernel(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
         if SWIGLU:
             w2 = tl.load(w2_ptr + rn[:, None] * swn + kk[None, :] * swk, mask=wm, other=0.0)
             if UPCAST:
                 w2 = w2.to(tl.float32)
-            acc2 += tl.dot(x, tl.trans(w2))
+            acc2 += tl.dot(x, tl.trans(w2), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < n_active, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:
@@ -79,12 +82,18 @@ def _prefix_kernel(
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty), mask=ym)
 
 
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot's input precision: full fp32 for fp32 operands (TF32 only applies to fp32 inputs)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def prefix_args(x2, w, w2, b, b2, y, n, k, swiglu) -> tuple[tuple, dict]:
     """The positional and constexpr arguments of one `_prefix_kernel` launch (also what the test of
     its compile cache key binds)."""
     args = (x2, w, w2 if w2 is not None else w, b if b is not None else w, b2 if b2 is not None else w, y,
             x2.shape[0], n, k, x2.stride(0), x2.stride(1), w.stride(0), w.stride(1), y.stride(0), y.stride(1))  # fmt: skip
-    meta = dict(HAS_BIAS=b is not None, SWIGLU=swiglu, UPCAST=INTERPRET, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    meta = dict(HAS_BIAS=b is not None, SWIGLU=swiglu, UPCAST=INTERPRET, PRECISION=_precision(x2),
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)  # fmt: skip
     return args, meta
 
 
@@ -143,6 +152,7 @@ def _grouped_kernel(
     MODE_IN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -177,7 +187,7 @@ def _grouped_kernel(
         if UPCAST:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc += tl.dot(x, tl.trans(w))
+        acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < n_active, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -217,25 +227,15 @@ def grouped_linear(
     if not tiles:
         return y
     table = torch.tensor(tiles, dtype=torch.int32, device=x.device)
-    _grouped_kernel[(len(tiles),)](
-        x,
-        weight,
-        bias if bias is not None else weight,
-        y,
-        table,
-        N,
-        weight.shape[1],
-        x.stride(0),
-        x.stride(1),
-        weight.stride(0),
-        weight.stride(1),
-        y.stride(0),
-        y.stride(1),
-        MODE_IN=mode == "in",
-        HAS_BIAS=bias is not None,
-        UPCAST=INTERPRET,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_K=BK,
-    )
+    args, meta = grouped_args(x, weight, bias, y, table, N, mode)
+    _grouped_kernel[(len(tiles),)](*args, **meta)
     return y
+
+
+def grouped_args(x, weight, bias, y, table, N, mode) -> tuple[tuple, dict]:
+    """The positional and constexpr arguments of one `_grouped_kernel` launch."""
+    args = (x, weight, bias if bias is not None else weight, y, table, N, weight.shape[1], x.stride(0),
+            x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1))  # fmt: skip
+    meta = dict(MODE_IN=mode == "in", HAS_BIAS=bias is not None, UPCAST=INTERPRET, PRECISION=_precision(x),
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)  # fmt: skip
+    return args, meta

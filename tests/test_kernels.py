@@ -118,6 +118,55 @@ print(len(keys))
     assert out.stdout.split() == ["1"], out.stdout
 
 
+COMPILE_CHECK = f"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+from {MODULE} import _grouped_kernel, _prefix_kernel, grouped_args, prefix_args
+
+def compile_launch(kernel, args, meta, target):
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(target))
+    spec = binder(*args, **meta)[1]  # (type, value) per parameter; ints equal to 1 become constexprs
+    sig = {{p.name: t for p, (t, _) in zip(kernel.params, spec)}}
+    src = ASTSource(fn=kernel, signature=sig, constexprs={{(i,): v for i, (t, v) in enumerate(spec) if t == "constexpr"}})
+    return triton.compile(src, target=target)
+
+for cc in (80, 90):
+    target = GPUTarget("cuda", cc, 32)
+    for dt in (torch.float32, torch.bfloat16):
+        x, w, y = torch.empty(16, 48, dtype=dt), torch.empty(80, 48, dtype=dt), torch.empty(16, 80, dtype=dt)
+        table = torch.zeros(4, 4, dtype=torch.int32)
+        launches = {{
+            "prefix": (_prefix_kernel, prefix_args(x, w, None, None, None, y, 61, 33, False)),
+            "swiglu": (_prefix_kernel, prefix_args(x, w, w, w[0], w[0], y, 61, 48, True)),
+            "grouped-in": (_grouped_kernel, grouped_args(x, w, w[0], y, table, 80, "in")),
+            "grouped-out": (_grouped_kernel, grouped_args(x, w, None, y, table, 80, "out")),
+        }}
+        for name, (kernel, (args, meta)) in launches.items():
+            asm = compile_launch(kernel, args, meta, target).asm
+            tf32 = "tf32" in asm["ptx"]
+            print(cc, str(dt).split(".")[-1], name, len(asm["cubin"]) > 0, tf32, "mma" in asm["ptx"])
+"""
+
+
+def test_kernels_compile_for_gpu_targets():
+    """Every kernel, as its launch binds it, compiles to a cubin for sm_80 and sm_90 with Triton's own
+    compiler (no GPU needed: the interpreter would not see a compile error); fp32 operands never go
+    through TF32 tensor-core instructions (torch's fp32 matmul does not either), bf16 ones do use MMA."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert len(rows) == 2 * 2 * 4
+    for cc, dt, name, cubin, tf32, mma in rows:
+        assert cubin == "True", (cc, dt, name)
+        assert tf32 == "False", (cc, dt, name)  # fp32 stays IEEE; bf16 never names tf32
+        if dt == "bfloat16":
+            assert mma == "True", (cc, dt, name)  # tensor cores for bf16
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not COMPILED, reason="needs a GPU (compiled kernels)")
 def test_one_compile_for_all_widths_on_gpu():
