@@ -6,9 +6,10 @@ computes gradients for the active prefix only). The functions below dispatch: Tr
 (when Triton is installed and the selection is a prefix), the reference otherwise. ``FLEX_KERNELS``
 = ``reference`` forces the reference everywhere; ``FLEX_KERNELS=triton`` forces the Triton path, also
 on CPU tensors under ``TRITON_INTERPRET=1`` (how the CPU tests run it). Under autocast the operands are
-cast to the autocast dtype first (only the active prefix of the weight), as ``F.linear`` would. Ragged (per-token) widths default to the bucketed
-reference, one dense prefix GEMM per width; ``FLEX_RAGGED=grouped`` selects the single-launch Triton
-kernel, which becomes the default only where a benchmark shows it beating the bucketed path.
+cast to the autocast dtype first (only the active prefix of the weight), as ``F.linear`` would. Ragged
+(per-token) widths default to the bucketed reference, one dense prefix GEMM per width;
+``FLEX_RAGGED=grouped`` selects the single-launch Triton kernel, which becomes the default only where a
+benchmark shows it beating the bucketed path.
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ def subset_linear(
 
         n = weight.shape[0] if out_sel is None else out_sel
         k = weight.shape[1] if in_sel is None else in_sel
-        x, w, b = _autocast(x, weight[:n, :k], None if bias is None else bias[:n])
-        return PrefixLinear.apply(x, w, b, n, k)
+        return PrefixLinear.apply(*_autocast(x, weight[:n, :k], _head(bias, n)), n, k)
     return reference.subset_linear(x, weight, bias, out_sel, in_sel)
 
 

@@ -386,3 +386,25 @@ def test_elastic_training_step_through_triton_equals_reference(monkeypatch, back
     moved = after["triton"][up] - before[up]
     assert torch.count_nonzero(moved[:40]) == 40 * 48 and torch.count_nonzero(moved[40:]) == 0
     assert torch.count_nonzero((after["triton"][down] - before[down])[:, 40:]) == 0
+
+
+@kernel_check
+def test_autocast_casts_the_active_prefix_and_keeps_fp32_gradients(monkeypatch):
+    """Under bf16 autocast the Triton path computes in bf16 like F.linear does, and the fp32 master
+    weight gets its gradient (zero outside the prefix) through the cast."""
+    from flexcli.kernels import subset_linear
+
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(12, 40, generator=g).to(DEV), torch.randn(56, 48, generator=g).to(DEV)
+    results = {}
+    for mode in ("reference", "triton"):
+        monkeypatch.setenv("FLEX_KERNELS", mode)
+        xs, ws = _leaf(x), _leaf(w)
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            y = subset_linear(xs, ws, None, 31, 40)
+        assert y.dtype == torch.bfloat16
+        y.float().sum().backward()
+        results[mode] = (y, xs.grad, ws.grad)
+    for got, want in zip(results["triton"], results["reference"]):
+        assert got.dtype == want.dtype and _rel(got, want) <= 2e-2
+    assert results["triton"][2].dtype == torch.float32 and torch.count_nonzero(results["triton"][2][31:]) == 0
