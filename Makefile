@@ -61,7 +61,7 @@ bench-kernels: install
 
 # 1.1B- and 7B-shaped random Llama checkpoints (bf16, cached in $$FLEX_CACHE/scale or ~/.cache/flexcli/scale,
 # removed afterwards): convert (prune-only) and extract times and memory per stage, profile of a 7B-shaped
-# 2-layer model before/after issue 21 -> docs/results/scale.{md,json}. ~45 GB of free disk, ~20 min.
+# 2-layer model before/after issue 21 -> docs/results/scale.{md,json}. ~35 GB of free disk, ~10 min.
 bench-scale: install
 	$(BIN)/python bench/bench_scale.py $(BENCH_SCALE_ARGS)
 

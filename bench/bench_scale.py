@@ -268,6 +268,13 @@ def check_slices(elastic: Path, sub: Path, layer: int) -> int:
     return len(names)
 
 
+def bf16_bytes(c: dict) -> int:
+    """Size of a Llama checkpoint of config `c` in bf16 (untied embeddings)."""
+    h, kv = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+    layer = 2 * h * h + 2 * h * kv + 3 * h * c["intermediate_size"] + 2 * h
+    return 2 * (2 * c["vocab_size"] * h + h + c["num_hidden_layers"] * layer)
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
@@ -292,6 +299,11 @@ def main() -> None:
         return
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
+    need = max(2.6 * bf16_bytes(SHAPES[s][0]) for s in a.shapes.split(","))  # source, elastic, half sub
+    if shutil.disk_usage(work).free < need:
+        raise SystemExit(
+            f"bench-scale: needs ~{need / GB:.0f} GB free in {work}, have {shutil.disk_usage(work).free / GB:.0f} GB"
+        )
     res: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                              "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
                  "baseline": a.baseline, "runs": []}  # fmt: skip

@@ -245,7 +245,9 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
     if recipe.eval.data:
         split = "heldout" if recipe.eval.data == STDLIB else "train"
         eval_seqs = load_sequences(tok, recipe.eval.data, recipe.eval.samples, recipe.eval.seq_len, split)
-    ckpts = Checkpoints(work_dir(out), recipe_hash(recipe.to_dict()), src.file_hashes())
+    with rep.task("hashing source files"):  # provenance: SHA-256 of config and weights, read in chunks
+        hashes = src.file_hashes()
+    ckpts = Checkpoints(work_dir(out), recipe_hash(recipe.to_dict()), hashes)
     return _Job(recipe, src, source_desc, out, spec, ckpts, tok, calib, eval_seqs)
 
 
