@@ -96,3 +96,24 @@ def test_layerwise_scores_equal_whole_model_scores(tmp_path, tokenizer_dir, fami
     for g, w in zip(got, want):
         for unit in ("neuron", "qhead"):
             assert torch.allclose(g[unit], w[unit], rtol=1e-5, atol=1e-6), (unit, g[unit], w[unit])
+
+
+def test_when_calibration_goes_layer_by_layer(tmp_path, tokenizer_dir):
+    """Layer by layer only where it is the smaller (and an exact) way: safetensors, the norm score, no
+    sliding window shorter than the sequences, activations smaller than the weights."""
+    import json
+
+    from conftest import make_model
+
+    from flexcli.elastic.importance import layerwise_supported
+    from flexcli.io.source import SourceModel
+
+    src = SourceModel.open(make_model(tmp_path / "m", tokenizer_dir, hidden=64, layers=2, inter=96))
+    weights = sum(p for p in (64 * 320 * 2, 2 * (64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 96 + 128), 64))
+    assert layerwise_supported(src, (4, 32), "norm") is None
+    assert "Taylor" in layerwise_supported(src, (4, 32), "taylor")
+    assert "outweigh" in layerwise_supported(src, (weights // (64 * 32) + 1, 32), "norm")
+    assert layerwise_supported(src, (weights // (64 * 32) - 1, 32), "norm") is None
+    cfg = json.loads((src.path / "config.json").read_text())
+    (src.path / "config.json").write_text(json.dumps({**cfg, "sliding_window": 16}))
+    assert "sliding-window" in layerwise_supported(SourceModel.open(src.path), (4, 32), "norm")

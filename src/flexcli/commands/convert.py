@@ -260,7 +260,7 @@ def _needs_model(job: _Job) -> bool:
         return True
     return (
         imp.order == "importance"
-        and layerwise_supported(job.src, job.calib.shape[1], imp.head_score) is not None
+        and layerwise_supported(job.src, tuple(job.calib.shape), imp.head_score) is not None
     )
 
 

@@ -17,6 +17,7 @@ Norm scores only: the Taylor score needs a backward pass through the whole netwo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -119,15 +120,22 @@ def _hook_layer(layer: nn.Module, arch: Architecture, dims: Dims, acc: dict[str,
     ]
 
 
-def layerwise_supported(src: Any, seq_len: int, head_score: str) -> str | None:
-    """Why `compute_importance_layerwise` cannot score `src` (None: it can)."""
+def layerwise_supported(src: Any, calib_shape: tuple[int, int], head_score: str) -> str | None:
+    """Why `compute_importance_layerwise` should not score `src` on (n, seq_len) calibration sequences
+    (None: it should). It carries every sequence's hidden states between layers, so it is chosen only
+    when those are smaller than the model (4 x 128 tokens of a 7B model: 8 MB; 1024 x 2048: more
+    values than the model has weights, so the whole model, which runs batch by batch, is smaller)."""
     if not isinstance(src, SourceModel) or src.pickle:
         return "layer-by-layer calibration reads safetensors sources"
     if head_score != "norm":
         return "the Taylor head score needs a backward pass through the whole model"
+    n, seq_len = calib_shape
     window = src.config.get("sliding_window")
     if window is not None and src.config.get("use_sliding_window", True) and window < seq_len:
         return "sliding-window attention shorter than the calibration sequences"
+    weights = sum(math.prod(shape) for _, _, shape in src.tensor_specs())
+    if n * seq_len * src.dims.hidden_size >= weights:
+        return "the calibration activations would outweigh the model"
     return None
 
 
