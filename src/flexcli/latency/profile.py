@@ -49,8 +49,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 FITS = ("bilinear", "none")
 # Refuse after round 1 when its paired timings (the spread of each timing's entry/reference ratios) vary
 # by a median of more than this many times the noise limit. Measured on the hidden-512 x 8-layer model
-# (M = 1, 2-core VM): 21% on a quiet machine (its rounds then agreed within 3%), 371% with two CPU hogs
-# running (rounds 22% apart, refused): 10 x the default 10% limit sits well between the two.
+# (M = 1, 2-core VM): 19-21% on a quiet machine (its rounds then agreed within 3-4%), 206-371% with two
+# CPU hogs running (rounds 22% apart, refused): 10 x the default 10% limit sits well between the two.
 EARLY_STOP = 10.0
 
 
