@@ -93,60 +93,60 @@ def test_prefix_linear_batched_all_widths(tk, dtype):
         assert _rel(got, reference.subset_linear(x.float(), w.float(), None, n, None)) <= TOL[dtype]
 
 
-def test_widths_are_never_specialised():
-    """One compilation serves every width: Triton's own binder (the function its JIT runs at launch)
-    gives the same compile cache key for launches that differ only in row count and active widths.
-    Bound for a CUDA target without a GPU, in a fresh interpreter (the JIT, not the interpreter)."""
-    code = f"""
-import torch
+JIT = f"""
+import torch, triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
+from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import compute_cache_key, create_function_from_signature
-from {MODULE} import _prefix_kernel, prefix_args
-binder = create_function_from_signature(
-    _prefix_kernel.signature, _prefix_kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+from {MODULE} import _grouped_kernel, _prefix_kernel, grouped_args, prefix_args
+
+def bind(kernel, args, meta, target=GPUTarget("cuda", 90, 32)):
+    \"\"\"(type, value) per kernel parameter, as Triton's JIT binds a launch (ints equal to 1 become constexprs).\"\"\"
+    return create_function_from_signature(kernel.signature, kernel.params, make_backend(target))(*args, **meta)[1]
+"""
+
+
+def _run_jit(code: str) -> list[list[str]]:
+    """Run JIT + code in a fresh interpreter with the real (not interpreted) JIT; its output's words."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", JIT + code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+def test_widths_are_never_specialised():
+    """One compilation serves every width: Triton's own binder gives the same compile cache key for
+    launches that differ only in row count and active widths (bound for a CUDA target, no GPU needed)."""
+    rows = _run_jit("""
 w, keys = torch.empty(80, 48), set()
 for M, n, k in ((16, 80, 48), (5, 61, 48), (1, 17, 33), (33, 1, 7)):
     x, y = torch.empty(M, 48), torch.empty(M, 80)
     args, meta = prefix_args(x, w, None, None, None, y, n, k, False)
-    keys.add(compute_cache_key({{}}, binder(*args, **meta)[1], meta))
+    keys.add(compute_cache_key({}, bind(_prefix_kernel, args, meta), meta))
 print(len(keys))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["1"], out.stdout
+""")  # fmt: skip
+    assert rows == [["1"]]
 
 
-COMPILE_CHECK = f"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
-from {MODULE} import _grouped_kernel, _prefix_kernel, grouped_args, prefix_args
-
-def compile_launch(kernel, args, meta, target):
-    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(target))
-    spec = binder(*args, **meta)[1]  # (type, value) per parameter; ints equal to 1 become constexprs
-    sig = {{p.name: t for p, (t, _) in zip(kernel.params, spec)}}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={{(i,): v for i, (t, v) in enumerate(spec) if t == "constexpr"}})
-    return triton.compile(src, target=target)
-
+COMPILE_CHECK = """
 for cc in (80, 90):
     target = GPUTarget("cuda", cc, 32)
     for dt in (torch.float32, torch.bfloat16):
         x, w, y = torch.empty(16, 48, dtype=dt), torch.empty(80, 48, dtype=dt), torch.empty(16, 80, dtype=dt)
         table = torch.zeros(4, 4, dtype=torch.int32)
-        launches = {{
+        launches = {
             "prefix": (_prefix_kernel, prefix_args(x, w, None, None, None, y, 61, 33, False)),
             "swiglu": (_prefix_kernel, prefix_args(x, w, w, w[0], w[0], y, 61, 48, True)),
             "grouped-in": (_grouped_kernel, grouped_args(x, w, w[0], y, table, 80, "in")),
             "grouped-out": (_grouped_kernel, grouped_args(x, w, None, y, table, 80, "out")),
-        }}
+        }
         for name, (kernel, (args, meta)) in launches.items():
-            asm = compile_launch(kernel, args, meta, target).asm
-            tf32 = "tf32" in asm["ptx"]
-            print(cc, str(dt).split(".")[-1], name, len(asm["cubin"]) > 0, tf32, "mma" in asm["ptx"])
+            spec = bind(kernel, args, meta, target)
+            sig = {p.name: t for p, (t, _) in zip(kernel.params, spec)}
+            const = {(i,): v for i, (t, v) in enumerate(spec) if t == "constexpr"}
+            asm = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=target).asm
+            print(cc, str(dt).split(".")[-1], name, len(asm["cubin"]) > 0, "tf32" in asm["ptx"], "mma" in asm["ptx"])
 """
 
 
@@ -154,11 +154,7 @@ def test_kernels_compile_for_gpu_targets():
     """Every kernel, as its launch binds it, compiles to a cubin for sm_80 and sm_90 with Triton's own
     compiler (no GPU needed: the interpreter would not see a compile error); fp32 operands never go
     through TF32 tensor-core instructions (torch's fp32 matmul does not either), bf16 ones do use MMA."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [line.split() for line in out.stdout.splitlines()]
+    rows = _run_jit(COMPILE_CHECK)
     assert len(rows) == 2 * 2 * 4
     for cc, dt, name, cubin, tf32, mma in rows:
         assert cubin == "True", (cc, dt, name)
