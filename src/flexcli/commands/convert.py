@@ -159,6 +159,7 @@ class _Job:
     tokenizer: Any
     calib: torch.Tensor  # (n, seq_len) calibration sequences
     eval_seqs: torch.Tensor | None
+    device: torch.device  # resolved (and refused when absent) before any heavy work
 
     @property
     def training(self) -> bool:
@@ -173,7 +174,7 @@ def convert(
     o = options or ConvertOptions()
     t0 = time.time()
     job = _resolve(model, o, rep)
-    device = D.init_from_env(resolve_device(job.recipe.device))
+    device = D.init_from_env(job.device)
     rank, _ = D.rank_world()
     resume_from = _resume_point(job.ckpts, job.training, o.resume, o.force and rank == 0)
     train_data = None
@@ -228,6 +229,7 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
     recipe = resolve_recipe(model, o)
     out = (o.output or default_output(model)).resolve()
     check_output(out, o.force)
+    device = resolve_device(recipe.device)
     src, source_desc = resolve_source(model, recipe, o.allow_pickle, o.dtype)
     if out == src.path.resolve():
         raise UsageError(f"output {out} is the source model itself; choose another output", option="output")
@@ -248,7 +250,7 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
     with rep.task("hashing source files"):  # provenance: SHA-256 of config and weights, read in chunks
         hashes = src.file_hashes()
     ckpts = Checkpoints(work_dir(out), recipe_hash(recipe.to_dict()), hashes)
-    return _Job(recipe, src, source_desc, out, spec, ckpts, tok, calib, eval_seqs)
+    return _Job(recipe, src, source_desc, out, spec, ckpts, tok, calib, eval_seqs, device)
 
 
 def _needs_model(job: _Job) -> bool:
