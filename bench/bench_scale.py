@@ -250,14 +250,9 @@ def check_slices(elastic: Path, sub: Path, layer: int) -> int:
     import torch
     from safetensors import safe_open
 
-    def index(d: Path) -> dict[str, Path]:
-        idx = d / "model.safetensors.index.json"
-        if idx.exists():
-            return {k: d / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
-        with safe_open(str(d / "model.safetensors"), framework="pt") as st:
-            return {k: d / "model.safetensors" for k in st.keys()}
+    from flexcli.io.source import SourceModel
 
-    ie, isub = index(elastic), index(sub)
+    ie, isub = SourceModel.open(elastic).weight_map, SourceModel.open(sub).weight_map  # name -> file
     names = [n for n in isub if n.startswith(f"model.layers.{layer}.")]
     for n in names:
         with safe_open(str(isub[n]), framework="pt") as a, safe_open(str(ie[n]), framework="pt") as b:
