@@ -20,12 +20,17 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # llama.cpp through llama-cpp-python (an sdist: builds llama.cpp with cmake and a C++ compiler, about
-# 10 minutes on 2 cores, once; pip keeps the built wheel in its cache).
+# 10 minutes on 2 cores, once). Built for this CPU without its AMX kernels: on CPUs with AMX-INT8 (this
+# machine's Xeon) llama.cpp 0.3.36's AMX matmul segfaults on every batched product of quantized weights
+# (ggml_backend_amx_mul_mat, seen in gdb), i.e. on any prompt longer than one token. No wheel cache, so
+# the flags always apply.
 LLAMACPP_STAMP := $(VENV)/.llamacpp
+LLAMACPP_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 install-llamacpp: $(LLAMACPP_STAMP)
 
 $(LLAMACPP_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,llamacpp]'
+	CMAKE_ARGS="-DCMAKE_C_FLAGS='$(LLAMACPP_FLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMACPP_FLAGS)'" \
+		$(BIN)/pip install --quiet --no-cache-dir -e '.[dev,llamacpp]'
 	touch $(LLAMACPP_STAMP)
 
 # The llama.cpp tier: exported GGUF files run in a real llama.cpp (kept out of `make test`).

@@ -85,7 +85,7 @@ def _ppl(gguf: Path, seqs: list[list[int]], threads: int) -> float:
     """Held-out perplexity computed by llama.cpp (next-token log-likelihood of its own logits)."""
     import numpy as np
 
-    from flexcli import llamacpp
+    from flexcli.runtimes import llamacpp
 
     nll, n = 0.0, 0
     with llamacpp.Model(gguf, SEQ, threads, logits=True) as m:
@@ -277,8 +277,8 @@ def report(results: dict, out: Path) -> None:
 def main() -> None:
     import torch
 
-    from flexcli import llamacpp
     from flexcli.device import device_name
+    from flexcli.runtimes import llamacpp
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "llamacpp")

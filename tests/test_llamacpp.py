@@ -53,7 +53,7 @@ def test_llama_cpp_matches_the_sub_model(tmp_path, tokenizer_dir, calib_file, fa
 
 def test_trained_model_agrees_at_every_type(tmp_path):
     """A briefly trained model: f16 (the default) agrees on >= 99% of held-out positions, as extract
-    enforces; bf16 and q8_0 are reported."""
+    enforces; bf16 is reported; q8_0 (llama.cpp's quantizer) is compared with its own f16 file."""
     from flexcli.commands.convert import ConvertOptions, convert
     from flexcli.commands.pretrain import PretrainOptions, pretrain
 
@@ -75,6 +75,107 @@ def test_trained_model_agrees_at_every_type(tmp_path):
             el, tmp_path / f"{gguf_type}.gguf", "--config", str(tmp_path / "c.json"), "--gguf-type", gguf_type
         )
         assert m["gguf_arch"] == "deci" and m["top1_agreement"] >= (0.99 if gguf_type == "f16" else 0.9), m
+    assert m["f16_top1_agreement"] >= 0.99 and m["ppl_ratio"] == pytest.approx(1.0, abs=0.02), m
+
+
+ISSUE_TYPES = (
+    "q8_0",
+    "q6_k",
+    "q5_k_m",
+    "q5_0",
+    "q5_1",
+    "q4_k_m",
+    "q4_k_s",
+    "q4_0",
+    "q4_1",
+    "q3_k_m",
+    "q2_k",
+    "iq4_nl",
+)
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory):
+    """A briefly trained 256-wide model (4 layers, 8 heads of 32, MLP 704) converted with
+    --quant-blocks k: every narrowed row is whole 256-value blocks."""
+    from flexcli.commands.convert import ConvertOptions, convert
+    from flexcli.commands.pretrain import PretrainOptions, pretrain
+
+    tmp = tmp_path_factory.mktemp("aligned")
+    base = pretrain(
+        tmp / "base", PretrainOptions(size="small", steps=60, batch_size=8, seq_len=64, precision="fp32")
+    )
+    out = convert(
+        base.output,
+        ConvertOptions(
+            calib="stdlib", calib_samples=8, seq_len=64, device="cpu", output=tmp / "el", quant_blocks="k"
+        ),
+    )
+    assert out.mlp_choices == [704, 512, 256] and out.head_choices == [8], out  # 8 heads x 32 = one block
+    return tmp / "el", tmp
+
+
+@pytest.mark.parametrize("gguf_type", ISSUE_TYPES)
+def test_every_llama_cpp_type_from_its_quantizer(aligned, gguf_type):
+    """Each type is written by llama.cpp's quantizer with the sub-model's importance matrix, loads and
+    runs in llama.cpp, and at block-aligned widths no tensor falls back to another type."""
+    from flexcli.runtimes.quant import base_type
+
+    el, tmp = aligned
+    m = _extract(
+        el, tmp / f"{gguf_type}.gguf", "--uniform", "mlp=0.73,heads=0.75", "--gguf-type", gguf_type, "--force"
+    )
+    assert m["config"][0] == {"mlp": 512, "heads": 8} and m["imatrix"] is True
+    assert base_type(gguf_type) in m["stored_types"], m["stored_types"]
+    assert m["fallbacks"] == 0, m["fallback_tensors"]
+    assert 2 < m["bits_per_weight"] < 9.5 and m["file_bytes"] == (tmp / f"{gguf_type}.gguf").stat().st_size
+    assert m["f16_top1_agreement"] >= 0.99 and m["verified_in"].startswith("llama.cpp")
+    assert 0.9 < m["ppl_ratio"] < (1.1 if gguf_type in ("q8_0", "q6_k") else 2.0), m
+    assert m["top1_agreement"] >= (0.9 if gguf_type in ("q8_0", "q6_k") else 0.3), m
+
+
+def test_unaligned_rows_fall_back_and_say_why(aligned):
+    """At the model's own MLP width (704, not whole 256-blocks) ffn_down falls back: counted as forced by
+    the model's shape; the embedding type can be chosen, and the importance matrix can be left out."""
+    el, tmp = aligned
+    m = _extract(el, tmp / "full.gguf", "--uniform", "mlp=1,heads=1", "--gguf-type", "q4_k_m", "--force")
+    assert m["fallbacks"] == 4 == m["fallbacks_from_model_shape"] and m["fallbacks_from_widths"] == 0
+    assert all("ffn_down" in f for f in m["fallback_tensors"])
+    plain = _extract(
+        el, tmp / "p.gguf", "--uniform", "mlp=1,heads=1", "--gguf-type", "q4_0", "--no-imatrix", "--force"
+    )
+    small = _extract(el, tmp / "e.gguf", "--uniform", "mlp=1,heads=1", "--gguf-type", "q4_0/q4_0", "--force")
+    assert plain["imatrix"] is False and small["imatrix"] is True
+    assert plain["stored_types"].get("q6_k") == 1  # llama.cpp's choice for the tied output: q6_K
+    assert small["stored_types"].get("q6_k") is None and small["file_bytes"] < plain["file_bytes"]
+
+
+def test_profile_one_table_per_type_and_extract_in_it(aligned, monkeypatch):
+    """`--gguf-type q4_0,f16` measures two tables (the quantized files timed as extract writes them); a
+    q4_0 extract is then timed in the q4_0 regime, an f16 one is not."""
+    el, tmp = aligned
+    r = runner.invoke(
+        app,
+        ["profile", str(el), "--runtime", "llama.cpp", "--gguf-type", "q4_0,f16", "--phase", "decode", "--kv-len", "16",
+         "--rounds", "2", "--repeats", "3", "--correct", "0", "--accept-noisy", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    tables = json.loads(r.stdout)["tables"]
+    assert ["|q4_0|" in tables[0]["regime"], "|f16|" in tables[1]["regime"]] == [True, True]
+    q = _extract(
+        el,
+        tmp / "t.gguf",
+        "--uniform",
+        "mlp=0.5,heads=0.5",
+        "--gguf-type",
+        "q4_0",
+        "--regime",
+        "|q4_0|",
+        "--force",
+    )
+    assert q["regime"] == tables[0]["regime"] and q["measured_latency_ms"] > 0
+    f = _extract(el, tmp / "t.gguf", "--uniform", "mlp=0.5,heads=0.5", "--regime", "|q4_0|", "--force")
+    assert f["measured_latency_ms"] is None and "not timed in the q4_0 regime" in f["latency_note"]
 
 
 def test_a_broken_export_fails_verification_and_leaves_nothing(

@@ -12,13 +12,13 @@ import pytest
 from conftest import small_elastic
 from typer.testing import CliRunner
 
-import flexcli.latency.backends as backends
 from flexcli.cli import app
 from flexcli.commands.profile import NoisyTable, ProfileOptions, profile
 from flexcli.io import layout
 from flexcli.latency.profile import Session, monotone, monotone_violations, random_configs
 from flexcli.latency.table import Regime, load_table
 from flexcli.latency.timing import Paired, Timing
+from flexcli.runtimes.pytorch import TorchRuntime
 
 FIXED = 1.0
 
@@ -88,7 +88,7 @@ def runtime(monkeypatch, elastic):
         holder["rt"] = Synthetic(layout.read_spec(elastic), **kw)
         return holder["rt"]
 
-    monkeypatch.setattr(backends, "TorchBackend", lambda path, o: holder["rt"])
+    monkeypatch.setattr(TorchRuntime, "backend", lambda self, path, o: holder["rt"])
     monkeypatch.setattr(Session, "timing", lambda self, fn: self.backend.timing(fn))
     monkeypatch.setattr(Session, "paired", lambda self, fn: self.backend.paired(fn))
     (elastic / layout.LATENCY).unlink(missing_ok=True)

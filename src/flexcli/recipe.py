@@ -26,6 +26,9 @@ class ElasticSection:
     head_ratios: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
     mlp_multiple: int = 64
     gqa: str = "group"  # group (drop whole KV groups) | query (drop query heads inside every group)
+    # k | legacy: narrowed rows stay whole llama.cpp quantization blocks (256 | 32 values), so a
+    # quantized sub-model's ffn_down / attn_output do not fall back to a larger type; null: no rounding
+    quant_blocks: str | None = None
 
 
 @dataclass
@@ -150,6 +153,8 @@ def validate(r: Recipe) -> Recipe:
         raise UsageError(f"recipe: elastic.gqa must be 'query' or 'group', got {e.gqa!r}")
     if e.mlp_multiple < 1:
         raise UsageError("recipe: elastic.mlp_multiple must be >= 1")
+    if e.quant_blocks not in (None, "k", "legacy"):
+        raise UsageError(f"recipe: elastic.quant_blocks must be k, legacy or null, got {e.quant_blocks!r}")
     c = r.calibration
     if c.samples < 1 or c.seq_len < 2 or c.batch_size < 1:
         raise UsageError("recipe: calibration.samples, seq_len and batch_size must be positive")

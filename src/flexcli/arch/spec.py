@@ -19,6 +19,7 @@ together); multi-query attention (one KV head) always uses ``query``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,16 +46,26 @@ def effective_gqa_mode(dims: Dims, mode: str) -> str:
     return mode
 
 
-def round_mlp(width: float, total: int, multiple: int) -> int:
-    """Round a neuron count to a multiple (shrunk for tiny layers so choices stay distinct)."""
+# Values per quantization block along a row, by llama.cpp type family: a row (ffn_down's input is the MLP
+# width, attn_output's is heads x head_dim) that is not whole blocks falls back to a larger type.
+QUANT_BLOCKS = {"k": 256, "legacy": 32}  # K-quants and iq4_xs | q4_0, q5_0, q8_0, iq4_nl, ...
+
+
+def round_mlp(width: float, total: int, multiple: int, block: int = 1) -> int:
+    """Round a neuron count to a multiple (shrunk for tiny layers so choices stay distinct); with a
+    quantization `block`, to a multiple of it too, never shrunk below it."""
     m = multiple
     while m > 1 and m * 8 > total:
         m //= 2
+    m = math.lcm(m, block)
     return int(min(total, max(m, round(width / m) * m)))
 
 
-def round_heads(heads: float, dims: Dims, mode: str) -> int:
+def round_heads(heads: float, dims: Dims, mode: str, block: int = 1) -> int:
+    """Round a head count to whole KV groups (or query heads per group); with a quantization `block`,
+    also so heads x head_dim is whole blocks (none may fit: then only the full count remains)."""
     step = dims.num_kv_heads if mode == "query" else dims.group_size
+    step = math.lcm(step, block // math.gcd(block, dims.head_dim))
     return int(min(dims.num_heads, max(step, round(heads / step) * step)))
 
 
@@ -82,18 +93,18 @@ class ElasticSpec:
         head_ratios: list[float],
         mlp_multiple: int = 64,
         gqa: str = "group",
+        quant_blocks: str | None = None,
     ) -> ElasticSpec:
+        """Choices from ratios of the full width; `quant_blocks` ("k" | "legacy") keeps every narrowed
+        row a whole number of that family's quantization blocks (the full widths are the model's own)."""
         mode = effective_gqa_mode(dims, gqa)
-        mlp = sorted(
-            {dims.intermediate_size}
-            | {
-                round_mlp(r * dims.intermediate_size, dims.intermediate_size, mlp_multiple)
-                for r in mlp_ratios
-            },
-            reverse=True,
-        )
+        if quant_blocks is not None and quant_blocks not in QUANT_BLOCKS:
+            raise UsageError(f"quant_blocks must be one of {', '.join(QUANT_BLOCKS)}, got {quant_blocks!r}")
+        block = QUANT_BLOCKS.get(quant_blocks or "", 1)
+        F = dims.intermediate_size
+        mlp = sorted({F} | {round_mlp(r * F, F, mlp_multiple, block) for r in mlp_ratios}, reverse=True)
         heads = sorted(
-            {dims.num_heads} | {round_heads(r * dims.num_heads, dims, mode) for r in head_ratios},
+            {dims.num_heads} | {round_heads(r * dims.num_heads, dims, mode, block) for r in head_ratios},
             reverse=True,
         )
         return cls(family, dims, mode, [LayerChoices(list(mlp), list(heads)) for _ in range(dims.num_layers)])

@@ -118,6 +118,7 @@ def convert(
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps.")] = None,
     data: Annotated[str | None, typer.Option("--data", help="Training text (default: the calibration text).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue elastic training from the newest checkpoint.")] = False,
+    quant_blocks: Annotated[str | None, typer.Option("--quant-blocks", help="k or legacy: round narrowed MLP widths and head counts so their rows are whole llama.cpp quantization blocks (256 or 32 values) [default: the recipe's elastic.quant_blocks].")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -164,7 +165,7 @@ def profile(
     runtime: Annotated[str, typer.Option("--runtime", help="torch (transformers on --device) or llama.cpp (llama-cpp-python on this CPU; GGUF files as flex extract --format gguf writes them).")] = "torch",
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option("--dtype", help="torch: float32, bfloat16 or float16 (GPU).")] = "float32",
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="llama.cpp: weight type of the timed files (f32, f16, bf16, q8_0); extract with the same type.")] = "f16",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="llama.cpp: type of the timed files, WEIGHTS[/EMBED] (f16, q8_0, q4_k_m, q4_0/q4_0, ...); comma-separated for one table per type. Extract with the same type.")] = "f16",
     threads: Annotated[int | None, typer.Option("--threads", help="llama.cpp: threads [default: the CPUs this process may use].")] = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size B.")] = 1,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Prefill: tokens per sequence S.")] = 128,
@@ -186,7 +187,7 @@ def profile(
     """Measure per-layer latency at every (MLP width, heads) choice on this device into ELASTIC's table."""
     params = dict(locals())
     from ..commands.profile import ProfileOptions
-    from ..commands.profile import profile as do_profile
+    from ..commands.profile import profile_types as do_profile
 
     o = options(ProfileOptions, params)
     flags = {"gguf_type": "--gguf-type", "max_noise": "--max-noise", "min_within": "--min-within"}
@@ -249,7 +250,9 @@ def extract(
     uniform: UniformOpt = None,
     regime: RegimeOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto, stock (uniform only), flex (per-layer sizes, transformers with remote code) or gguf (one llama.cpp file per budget: llama/qwen2 when uniform, deci otherwise).")] = "auto",
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: f32, f16, bf16 or q8_0.")] = "f16",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: WEIGHTS[/EMBED]. f32, f16, bf16 as written; q8_0, q6_k, q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, q4_0, q4_1, iq4_nl, iq4_xs, q3_k_l, q3_k_m, q3_k_s, q2_k by llama.cpp's quantizer; /EMBED sets the embedding and output tensors' type (e.g. q4_0/q4_0).")] = "f16",
+    imatrix: Annotated[bool, typer.Option("--imatrix/--no-imatrix", help="gguf, quantized types: weigh the quantizer by the sub-model's importance matrix from the conversion's calibration text.")] = True,
+    imatrix_tokens: Annotated[int, typer.Option("--imatrix-tokens", min=1, help="Calibration tokens for the importance matrix.")] = 8192,
     max_shard_size: MaxShardOpt = "5GB",
     verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Check logits against the elastic model (gguf: in llama.cpp, when llama-cpp-python is installed) and measure latency [default: on when the model fits comfortably in RAM].")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: configuration, shapes, shards and output size from the headers; write nothing.")] = False,

@@ -188,6 +188,10 @@ def pretrain_result(r) -> None:
 
 
 def profile_result(r) -> None:
+    if hasattr(r, "tables"):  # one table per GGUF type
+        for one in r.tables:
+            profile_result(one)
+        return
     typer.echo(f"{r.regime}")
     typer.echo(
         f"fixed part {r.fixed_ms:.3f} ms · full model {r.full_ms:.3f} ms · smallest {r.smallest_ms:.3f} ms "
@@ -272,11 +276,14 @@ def _ms(v: float | None) -> str:
 
 def extract_result(r) -> None:
     for m in r.models:
-        typer.echo(
-            m.output
-            if m.planned_bytes is None
-            else f"{m.output} (dry run: {m.planned_bytes / 1e9:.2f} GB in {len(m.planned_files)} files)"
-        )
+        if m.planned_files is None:
+            typer.echo(m.output)
+        elif m.planned_bytes is None:  # a quantized file's size is the quantizer's choice
+            typer.echo(f"{m.output} (dry run: {m.gguf_type}, size known after quantizing)")
+        else:
+            typer.echo(
+                f"{m.output} (dry run: {m.planned_bytes / 1e9:.2f} GB in {max(1, len(m.planned_files))} files)"
+            )
     rows = [
         [
             m.budget or "-",
@@ -301,8 +308,23 @@ def extract_result(r) -> None:
             )
         elif m.latency_note:
             typer.echo(f"{m.output}: latency not measured: {m.latency_note}")
+        if m.bits_per_weight is not None:
+            types = ", ".join(f"{n} {t}" for t, n in (m.stored_types or {}).items())
+            fb = f"; {m.fallbacks} fell back" if m.fallbacks else ""
+            im = (
+                ""
+                if m.imatrix is None
+                else (", importance matrix" if m.imatrix else ", no importance matrix")
+            )
+            typer.echo(f"{m.output}: {m.bits_per_weight:.2f} bits per weight ({types}{fb}{im})")
         if m.verify_note:
             typer.echo(f"{m.output}: not verified: {m.verify_note}")
+        elif m.ppl_ratio is not None:
+            typer.echo(
+                f"{m.output}: {m.verified_in}: against its {m.gguf_arch} 16-bit file (itself {m.f16_top1_agreement:.1%} "
+                f"top-1 with the elastic model): top-1 agreement {m.top1_agreement:.1%}, held-out ppl "
+                f"{m.ppl_quantized:.2f} vs {m.ppl_f16:.2f} (x{m.ppl_ratio:.3f})"
+            )
         elif m.top1_agreement is not None:
             typer.echo(
                 f"{m.output}: {m.verified_in}: top-1 agreement {m.top1_agreement:.1%}, max relative logit error {m.verified_max_rel_err:.1e}"

@@ -70,6 +70,7 @@ class ConvertOptions:
     batch_size: int | None = None
     grad_accum: int | None = None
     data: str | None = None
+    quant_blocks: str | None = None  # elastic.quant_blocks: k | legacy
 
 
 @dataclass
@@ -105,6 +106,9 @@ def resolve_recipe(model: str, o: ConvertOptions) -> Recipe:
     c.data, c.samples, c.seq_len = o.calib or c.data, o.calib_samples or c.samples, o.seq_len or c.seq_len
     r.device, r.dtype = o.device or r.device, o.dtype or r.dtype
     r.eval.data = o.eval_data or r.eval.data
+    if o.quant_blocks not in (None, "k", "legacy"):
+        raise UsageError(f"must be k or legacy, got {o.quant_blocks!r}", option="quant_blocks")
+    r.elastic.quant_blocks = o.quant_blocks or r.elastic.quant_blocks
     if o.steps is not None or o.train_tokens is not None:
         t.steps, t.tokens = o.steps, o.train_tokens
         if "train" not in r.stages:
@@ -234,7 +238,9 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
     if out == src.path.resolve():
         raise UsageError(f"output {out} is the source model itself; choose another output", option="output")
     e = recipe.elastic
-    spec = ElasticSpec.build(src.arch.family, src.dims, e.mlp_ratios, e.head_ratios, e.mlp_multiple, e.gqa)
+    spec = ElasticSpec.build(
+        src.arch.family, src.dims, e.mlp_ratios, e.head_ratios, e.mlp_multiple, e.gqa, e.quant_blocks
+    )
     tok = src.tokenizer()
     c = recipe.calibration
     torch.manual_seed(recipe.seed)

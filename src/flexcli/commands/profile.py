@@ -1,5 +1,7 @@
 """`flex profile`: measure the latency table of an elastic checkpoint in one regime and runtime (PyTorch
-on this device, or llama.cpp on this CPU); a table that fails its own checks is not written."""
+on this device, or llama.cpp on this CPU); a table that fails its own checks is not written. llama.cpp
+with several GGUF types (--gguf-type q4_0,q8_0,f16) measures one table per type, one after another:
+a type's weights change every entry (bytes read per step), so no type is derived from another."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ..latency.profile import (
 from ..latency.table import save_table
 from ..progress import Reporter
 
-__all__ = ["NoisyTable", "ProfileOptions", "ProfileResult", "profile"]
+__all__ = ["NoisyTable", "ProfileOptions", "ProfileResult", "ProfileRuns", "profile", "profile_types"]
 
 
 @dataclass
@@ -62,6 +64,35 @@ class ProfileResult:
     table: list[TableEntry] = field(default_factory=list)  # uniform entries, layer 0
     validation: Validation | None = None  # flex_latency.json's validation, without the configurations
     problems: list[str] = field(default_factory=list)  # checks it failed (written only with accept_noisy)
+
+
+@dataclass
+class ProfileRuns:
+    """One table per GGUF type (`--gguf-type a,b,...`), in the order given."""
+
+    tables: list[ProfileResult]
+
+
+def profile_types(
+    elastic: Path, options: ProfileOptions, reporter: Reporter | None = None
+) -> ProfileResult | ProfileRuns:
+    """`profile` once per type of a comma-separated --gguf-type (llama.cpp); one type: its result. A
+    table refused as noisy stops the run; the tables measured before it are kept, and the error says so."""
+    from dataclasses import replace
+
+    from ..runtimes.quant import parse_types
+
+    if options.runtime != "llama.cpp" or "," not in options.gguf_type:
+        return profile(elastic, options, reporter)
+    types = [t.text for t in parse_types(options.gguf_type)]
+    done: list[ProfileResult] = []
+    for t in types:
+        try:
+            done.append(profile(elastic, replace(options, gguf_type=t), reporter))
+        except NoisyTable as e:
+            kept = f" (kept: the {', '.join(r.regime for r in done)} tables)" if done else ""
+            raise NoisyTable(f"{t}: {e}{kept}") from None
+    return ProfileRuns(done)
 
 
 def profile(elastic: Path, options: ProfileOptions, reporter: Reporter | None = None) -> ProfileResult:

@@ -29,7 +29,7 @@ from ..arch.spec import Config, ElasticSpec
 from ..errors import UsageError
 from . import layout
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16")  # written here; quantized types are llama.cpp's (runtimes.quant)
 # llama.cpp architecture of a uniform sub-model, by flexcli family; per-layer widths are always deci.
 UNIFORM_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # Architectures whose rotary embedding pairs adjacent values (llama.cpp's "normal" RoPE): their Q/K rows
@@ -81,17 +81,12 @@ def gguf_arch(family: str, cfg: Config, spec: ElasticSpec) -> str:
 
 
 def _qtype(gguf_type: str, shape: list[int]):
-    """Storage type of one tensor: vectors stay f32 (as llama.cpp's converter keeps them); q8_0 needs rows
-    that are whole 32-value blocks, else the tensor falls back to f16."""
-    from gguf import GGML_QUANT_SIZES
+    """Storage type of one tensor: vectors stay f32 (as llama.cpp's converter keeps them)."""
     from gguf import GGMLQuantizationType as Q
 
     if len(shape) == 1 or gguf_type == "f32":
         return Q.F32
-    want = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[gguf_type]
-    if shape[-1] % GGML_QUANT_SIZES[want][0]:
-        return Q.F16
-    return want
+    return {"f16": Q.F16, "bf16": Q.BF16}[gguf_type]
 
 
 def _stored(shape: list[int], q) -> tuple[list[int], np.dtype, int]:
@@ -186,7 +181,6 @@ def _metadata(
             "f32": LlamaFileType.ALL_F32,
             "f16": LlamaFileType.MOSTLY_F16,
             "bf16": LlamaFileType.MOSTLY_BF16,
-            "q8_0": LlamaFileType.MOSTLY_Q8_0,
         }[gguf_type]
     )
 
@@ -206,7 +200,7 @@ def _encode(x: torch.Tensor, qtype) -> np.ndarray:
         return a
     if qtype == Q.F16:
         return a.astype(np.float16)
-    return quants.quantize(a, qtype)
+    return quants.quantize(a, qtype)  # bf16: gguf's exact rounding
 
 
 def write_gguf(

@@ -43,7 +43,6 @@ from ..progress import Reporter
 from .table import LatencyTable
 from .timing import Paired, Timing, TimingPolicy, time_fn, time_paired
 
-RUNTIMES = ("torch", "llama.cpp")
 PHASES = ("prefill", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
 FITS = ("bilinear", "none")
@@ -61,7 +60,7 @@ class ProfileOptions:
     runtime: str = "torch"  # torch (transformers) | llama.cpp (llama-cpp-python)
     device: str = "cpu"
     dtype: str = "float32"  # torch
-    gguf_type: str = "f16"  # llama.cpp: weight type of the timed GGUF files
+    gguf_type: str = "f16"  # llama.cpp: type of the timed GGUF files, WEIGHTS[/EMBED] (runtimes.quant)
     threads: int | None = None  # llama.cpp: threads (default: the CPUs this process may use)
     batch: int = 1
     seq_len: int = 128  # prefill: tokens per sequence
@@ -83,8 +82,9 @@ class ProfileOptions:
 
     def check(self) -> None:
         """Raise a one-line UsageError for values out of range."""
-        if self.runtime not in RUNTIMES:
-            raise UsageError(f"runtime must be torch or llama.cpp, got {self.runtime!r}", option="runtime")
+        from .. import runtimes
+
+        runtimes.get(self.runtime)
         if self.phase not in PHASES:
             raise UsageError(f"phase must be prefill or decode, got {self.phase!r}", option="phase")
         if self.dtype not in DTYPES:
@@ -192,7 +192,7 @@ def validation_stats(pred: list[float], meas: list[float]) -> dict[str, Any]:
 
 @dataclass
 class Session:
-    """One elastic checkpoint opened for timing in one regime, through a backend (latency.backends)."""
+    """One elastic checkpoint opened for timing in one regime, through a runtime's backend (runtimes)."""
 
     backend: Any
     spec: ElasticSpec
@@ -289,13 +289,13 @@ class Session:
 
 def open_session(path: Path, o: ProfileOptions) -> Session:
     """Validate the options and open ELASTIC in the runtime the options name."""
-    from .backends import LlamaCppBackend, TorchBackend
+    from .. import runtimes
 
     spec = layout.read_spec(path)
     o.check()
     if any(lc.mlp != spec.layers[0].mlp or lc.heads != spec.layers[0].heads for lc in spec.layers):
         raise UsageError("profiling needs the same choice lists in every layer")
-    backend = (LlamaCppBackend if o.runtime == "llama.cpp" else TorchBackend)(path, o)
+    backend = runtimes.get(o.runtime).backend(path, o)
     gpu = backend.regime.device == "cuda"
     max_spread = o.max_spread if o.max_spread is not None else (0.05 if gpu else 0.15)
     policy = TimingPolicy(o.repeats, o.warmup_s, o.min_warmup_calls, max_spread)
@@ -323,30 +323,20 @@ def measure_configs(
     return meas, refs or []
 
 
-def options_for(table: LatencyTable) -> ProfileOptions | None:
-    """Profile options that reproduce `table`'s regime on this machine, or None when this machine cannot
-    (another CPU or GPU, another thread count, llama.cpp not installed)."""
-    import torch
-
-    from .. import llamacpp
-    from ..device import device_name
-
-    r = table.regime
+def regime_kw(r) -> dict[str, Any]:
+    """The ProfileOptions fields of a regime's batch, tokens and phase."""
     kw: dict[str, Any] = {"batch": r.batch, "phase": r.phase, "seq_len": r.seq_len}
     if r.phase == "decode":
         kw.update(seq_len=max(r.kv_len, 1), kv_len=r.kv_len)
-    if r.device == "llama.cpp":
-        if llamacpp.missing() is not None:
-            return None
-        threads = int(table.header.get("threads") or 0) or None
-        o = ProfileOptions(runtime="llama.cpp", gguf_type=r.dtype, threads=threads, **kw)
-        want = f"{device_name(torch.device('cpu'))} {threads or llamacpp.default_threads()}t"
-    else:
-        if r.device == "cuda" and not torch.cuda.is_available():
-            return None
-        o = ProfileOptions(device=r.device, dtype=r.dtype, cuda_graphs=r.graphs, **kw)
-        want = device_name(torch.device(r.device))
-    return o if want == r.device_name else None
+    return kw
+
+
+def options_for(table: LatencyTable) -> ProfileOptions | None:
+    """Profile options that reproduce `table`'s regime on this machine, or None when this machine cannot
+    (another CPU or GPU, another thread count, the runtime not installed)."""
+    from .. import runtimes
+
+    return runtimes.get(table.regime.runtime).options_for(table)
 
 
 @dataclass

@@ -25,21 +25,32 @@ class Regime:
     """What a table is valid for. Its key names it in the file and on the command line."""
 
     device: str  # cpu | cuda
-    device_name: str
-    dtype: str
+    device_name: str  # the device as the runtime uses it (llama.cpp: the CPU and its thread count)
+    dtype: str  # torch: float32 | bfloat16 | float16; llama.cpp: the GGUF type (runtimes.quant)
     batch: int
     seq_len: int  # tokens per forward (prefill) or 1 (decode)
     phase: str  # prefill | decode
     kv_len: int  # cached tokens before the timed step (decode), 0 for prefill
     graphs: bool = False
+    runtime: str = "torch"  # a name in runtimes.RUNTIMES
 
     @property
     def key(self) -> str:
+        """torch regimes are keyed by their device, others by their runtime (llama.cpp:CPU_2t|q4_0|...)."""
         name = self.device_name.replace(" ", "_").replace("|", "_")
+        where = self.device if self.runtime == "torch" else self.runtime
         return (
-            f"{self.device}:{name}|{self.dtype}|b{self.batch}|s{self.seq_len}|{self.phase}|kv{self.kv_len}|"
+            f"{where}:{name}|{self.dtype}|b{self.batch}|s{self.seq_len}|{self.phase}|kv{self.kv_len}|"
             f"{'graph' if self.graphs else 'eager'}"
         )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Regime:
+        """Tables written before regimes named their runtime stored llama.cpp as the device."""
+        d = dict(d)
+        if d.get("device") == "llama.cpp" and "runtime" not in d:
+            d.update(device="cpu", runtime="llama.cpp")
+        return cls(**d)
 
 
 @dataclass
@@ -104,7 +115,7 @@ class LatencyTable:
     def from_dict(cls, d: dict[str, Any]) -> LatencyTable:
         try:
             d = dict(d)
-            d["regime"] = Regime(**d["regime"])
+            d["regime"] = Regime.from_dict(d["regime"])
             return cls(**d)
         except (KeyError, TypeError) as e:
             raise UsageError(f"invalid latency table entry: {e}") from None

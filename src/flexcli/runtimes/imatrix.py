@@ -1,0 +1,88 @@
+"""llama.cpp's importance matrix, computed in PyTorch on the sub-model itself from flexcli's calibration text.
+
+For every matrix llama.cpp multiplies activations by, the importance of input channel j is the mean over
+calibration tokens of x_j^2 (x: that matrix's input), which is what llama.cpp's `llama-imatrix` collects
+and what its quantizer weighs each column's rounding error by. The sub-model runs as the elastic model
+configured to its widths (the same activations the extracted file computes), and each value is named
+by the GGUF tensor it weighs (blk.N.attn_q.weight, ...; a tied LM head is token_embd.weight), so the
+dictionary goes to runtimes.quant.quantize as it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..arch.spec import Config
+
+IMATRIX_TOKENS = 8192  # calibration tokens per sub-model (llama-imatrix's default is ~50k; CPU cost)
+MAX_SEQ = 512
+
+
+def collect(
+    model: nn.Module, seqs: torch.Tensor, names: dict[str, str], batch_size: int = 4
+) -> dict[str, np.ndarray]:
+    """GGUF name -> (in_features,) mean squared input of each nn.Linear whose weight `names` maps
+    (HF parameter name -> GGUF name), over the (n, seq_len) token sequences `seqs`."""
+    sums: dict[str, torch.Tensor] = {}
+    count = [0]
+    hooks = []
+    for mod_name, mod in model.named_modules():
+        g = names.get(f"{mod_name}.weight")
+        if g is None or not isinstance(mod, nn.Linear):
+            continue
+
+        def hook(_mod, args, g=g):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in_features)
+            s = x.square().sum(0, dtype=torch.float64)
+            sums[g] = s if g not in sums else sums[g] + s
+
+        hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for b in range(0, seqs.shape[0], batch_size):
+                x = seqs[b : b + batch_size]
+                model(input_ids=x, use_cache=False)
+                count[0] += x.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {g: (s / count[0]).float().numpy() for g, s in sums.items()}
+
+
+def gguf_names(plan_tensors, tied: bool) -> dict[str, str]:
+    """HF weight name -> GGUF name of every matrix in an export plan; a tied LM head reads token_embd."""
+    names = {hf: g for hf, g, shape, _ in plan_tensors if len(shape) == 2 and hf.endswith(".weight")}
+    if tied:
+        names["lm_head.weight"] = "token_embd.weight"
+    names.pop("model.embed_tokens.weight", None)  # a row lookup, not a product: llama.cpp keeps no entry
+    return names
+
+
+def calibration_sequences(elastic: Path, tokens: int = IMATRIX_TOKENS) -> torch.Tensor:
+    """(n, seq_len) sequences of the checkpoint's own calibration text (its recipe's calibration.data,
+    train split), about `tokens` tokens."""
+    from transformers import AutoTokenizer
+
+    from ..io import layout
+    from ..train.data import load_sequences
+
+    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
+    seq_len = min(int(cal.get("seq_len") or MAX_SEQ), MAX_SEQ)
+    tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
+    return load_sequences(tok, cal.get("data") or "stdlib", max(1, tokens // seq_len), seq_len, "train")
+
+
+def sub_model_imatrix(
+    elastic: Path, cfg: Config, plan_tensors, tied: bool, tokens: int = IMATRIX_TOKENS
+) -> dict[str, np.ndarray]:
+    """The importance matrix of ELASTIC at `cfg`, named for the GGUF file `plan_tensors` describes."""
+    from ..elastic.runtime import load_elastic
+
+    seqs = calibration_sequences(elastic, tokens)
+    el = load_elastic(elastic)
+    with el.configured(cfg):
+        return collect(el.model, seqs, gguf_names(plan_tensors, tied))
