@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-scale bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-scale bench-pareto bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -69,6 +69,12 @@ bench-kernels: install
 # 2-layer model before/after issue 21 -> docs/results/scale.{md,json}. ~35 GB of free disk, ~10 min.
 bench-scale: install
 	$(BIN)/python bench/bench_scale.py $(BENCH_SCALE_ARGS)
+
+# Decode ms vs held-out ppl at every llama.cpp quantization: the full model at every type, flexcli's widths x
+# types with and without the importance matrix, budgets per table type (SmolLM2 from PyPI + the demo model)
+# -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png. About 50 min on 2 cores.
+bench-pareto: install-llamacpp
+	$(BIN)/python bench/bench_pareto.py $(BENCH_PARETO_ARGS)
 
 # GPU evidence in one run (kernel tests compiled, bench-kernels, CUDA latency tables) -> $(OUT); see
 # bench/gpu_check.sh. gpu-check-dry runs the same steps at toy sizes on this CPU first.

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -32,6 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, flex  # noqa: E402
+
+from flexcli.runtimes import llamacpp  # noqa: E402
 
 FRACTIONS = (0.3, 0.55, 0.8)  # budgets between the smallest and the full model of the table
 EVAL_WINDOWS, SEQ = 8, 256
@@ -83,19 +84,9 @@ def _heldout(el: Path) -> list[list[int]]:
 
 def _ppl(gguf: Path, seqs: list[list[int]], threads: int) -> float:
     """Held-out perplexity computed by llama.cpp (next-token log-likelihood of its own logits)."""
-    import numpy as np
+    import torch
 
-    from flexcli.runtimes import llamacpp
-
-    nll, n = 0.0, 0
-    with llamacpp.Model(gguf, SEQ, threads, logits=True) as m:
-        for s in seqs:
-            z = m.logits(s)[:-1].astype(np.float64)  # (SEQ-1, vocab)
-            z -= z.max(-1, keepdims=True)
-            logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
-            nll -= float(logp[np.arange(len(s) - 1), s[1:]].sum())
-            n += len(s) - 1
-    return math.exp(nll / n)
+    return llamacpp.perplexity(gguf, torch.tensor(seqs))
 
 
 def _anchor_ms(gguf: Path, el: Path, threads: int, kv: int) -> tuple[float, float]:

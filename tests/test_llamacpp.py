@@ -152,7 +152,8 @@ def test_unaligned_rows_fall_back_and_say_why(aligned):
 
 def test_profile_one_table_per_type_and_extract_in_it(aligned, monkeypatch):
     """`--gguf-type q4_0,f16` measures two tables (the quantized files timed as extract writes them); a
-    q4_0 extract is then timed in the q4_0 regime, an f16 one is not."""
+    q4_0 extract is then timed in the q4_0 regime, an f16 one is not; train-router trains a router per
+    table, and --gguf-type auto picks the type whose configuration has the lowest held-out loss."""
     el, tmp = aligned
     r = runner.invoke(
         app,
@@ -176,6 +177,27 @@ def test_profile_one_table_per_type_and_extract_in_it(aligned, monkeypatch):
     assert q["regime"] == tables[0]["regime"] and q["measured_latency_ms"] > 0
     f = _extract(el, tmp / "t.gguf", "--uniform", "mlp=0.5,heads=0.5", "--regime", "|q4_0|", "--force")
     assert f["measured_latency_ms"] is None and "not timed in the q4_0 regime" in f["latency_note"]
+    # a router per table, then --gguf-type auto: each type's configuration scored in llama.cpp
+    share = 100 * (1 + max(t["smallest_ms"] / t["full_ms"] for t in tables)) / 2  # feasible in every table
+    r = runner.invoke(
+        app,
+        ["train-router", str(el), "--regime", "llama.cpp", "--no-dynamic", "--budgets", f"{share:.1f}%", "--steps",
+         "20", "--sm-warmup", "8", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert [x["regime"] for x in json.loads(r.stdout)["runs"]] == [t["regime"] for t in tables]
+    lo, hi = max(t["smallest_ms"] for t in tables), min(t["full_ms"] for t in tables)
+    budget = (lo + hi) / 2 if lo < hi else 0.99 * max(t["full_ms"] for t in tables)
+    a = _extract(el, tmp / "auto.gguf", "--budget", f"{budget:.4f}ms", "--gguf-type", "auto", "--force")
+    cands = a["candidates"]
+    assert {c["gguf_type"] for c in cands} <= {"q4_0", "f16"} and sum(c["chosen"] for c in cands) == 1
+    assert len(cands) == 2 or lo >= hi  # both types when the budget is feasible in both tables
+    best = min(cands, key=lambda c: c["heldout_loss"])
+    assert best["chosen"] and a["gguf_type"] == best["gguf_type"] and (tmp / "auto.gguf").is_file()
+    assert all(c["measured_latency_ms"] > 0 and c["predicted_latency_ms"] <= budget * 1.05 for c in cands), (
+        cands
+    )
+    assert not list(tmp.glob(".auto.gguf*"))  # the runners-up are gone
 
 
 def test_a_broken_export_fails_verification_and_leaves_nothing(

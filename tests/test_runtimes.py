@@ -54,3 +54,120 @@ def test_old_llama_cpp_tables_load_with_their_keys():
     assert t.regime == r
     torch_regime = Regime("cpu", "Xeon", "float32", 1, 16, "prefill", 0)
     assert torch_regime.key == "cpu:Xeon|float32|b1|s16|prefill|kv0|eager" and torch_regime.runtime == "torch"
+
+
+def _two_tables(el, spec):
+    """Two synthetic regimes (batch 1 and batch 2) whose tables differ: each trains its own router."""
+    from flexcli.latency.table import save_table
+
+    mlp, heads, L = spec.layers[0].mlp, spec.layers[0].heads, spec.dims.num_layers
+    for batch, scale in ((1, 1.0), (2, 3.0)):
+        save_table(
+            el,
+            LatencyTable(
+                Regime("cpu", "synthetic", "float32", batch, 16, "prefill", 0),
+                {},
+                0.2 * scale,
+                [mlp] * L,
+                [heads] * L,
+                [[[scale * (0.01 * m / 16 + 0.1 * h) for h in heads] for m in mlp]] * L,
+            ),
+        )
+    return [
+        "cpu:synthetic|float32|b1|s16|prefill|kv0|eager",
+        "cpu:synthetic|float32|b2|s16|prefill|kv0|eager",
+    ]
+
+
+def test_train_router_against_each_table_keeps_one_router_set_per_regime(tmp_path, tokenizer_dir, calib_file):
+    import json
+
+    from conftest import small_elastic
+    from typer.testing import CliRunner
+
+    from flexcli.cli import app
+    from flexcli.io import layout
+    from flexcli.router.store import load_router, router_sets
+
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 2)
+    (el / layout.LATENCY).unlink()
+    keys = _two_tables(el, spec)
+    args = ["--no-dynamic", "--steps", "20", "--sm-warmup", "8", "--seq-len", "32", "--data", str(calib_file)]
+    r = CliRunner().invoke(
+        app, ["train-router", str(el), "--regime", "synthetic", "--budgets", "60%", *args, "--json"]
+    )
+    assert r.exit_code == 0, r.stderr
+    runs = json.loads(r.stdout)["runs"]
+    assert [x["regime"] for x in runs] == keys
+    sets = router_sets(el)
+    assert list(sets) == keys and sets[keys[0]][0]["targets_ms"] != sets[keys[1]][0]["targets_ms"]
+    for k in keys:  # each regime's router answers in its own table's milliseconds
+        router, doc = load_router(el, "static", k)
+        assert doc["regime"] == k and doc["targets_ms"] == sets[k][0]["targets_ms"]
+    # retraining one regime replaces it and keeps the other
+    r = CliRunner().invoke(app, ["train-router", str(el), "--regime", keys[0], "--budgets", "75%", *args])
+    assert r.exit_code == 0, r.stderr
+    sets2 = router_sets(el)
+    assert sets2[keys[1]][0]["targets_ms"] == sets[keys[1]][0]["targets_ms"]
+    assert sets2[keys[0]][0]["targets_ms"] != sets[keys[0]][0]["targets_ms"]
+    # extract picks the router of the table it reads
+    for k in keys:
+        m = CliRunner().invoke(
+            app,
+            [
+                "extract",
+                str(el),
+                "--regime",
+                k,
+                "--budget",
+                f"{sets2[k][0]['targets_ms'][0]:.6f}ms",
+                "--dry-run",
+                "--json",
+            ],  # fmt: skip
+        )
+        assert m.exit_code == 0, m.stderr
+        assert json.loads(m.stdout)["models"][0]["method"] == "static router"
+    # joint fine-tuning across several tables is refused (it changes the weights for one regime)
+    r = CliRunner().invoke(
+        app, ["train-router", str(el), "--regime", "synthetic", "--joint-steps", "2", *args]
+    )
+    assert r.exit_code == 2 and "--joint-steps" in r.stderr
+
+
+def test_a_router_file_from_before_per_regime_storage_reads_as_its_regime(tmp_path):
+    import torch
+
+    from flexcli.io import layout
+    from flexcli.io.atomic import update_dir
+    from flexcli.router.store import router_sets
+
+    tmp_path.mkdir(exist_ok=True)
+    old = {"format": "flexcli.routers/1", "regime": "cpu:x|float32|b1|s16|prefill|kv0|eager", "static": True,
+           "dynamic": False, "targets_ms": [1.0], "sha256": None}  # fmt: skip
+    update_dir(tmp_path, layout.router_writers({"static.w": torch.ones(2)}, old))
+    sets = router_sets(tmp_path)
+    assert list(sets) == [old["regime"]] and torch.equal(sets[old["regime"]][1]["static.w"], torch.ones(2))
+
+
+def test_gguf_type_auto_refusals_are_one_line(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    from conftest import small_elastic
+    from typer.testing import CliRunner
+
+    import flexcli.runtimes.llamacpp as lc
+    from flexcli.cli import app
+
+    el, _, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 2)
+    base = ["extract", str(el), "--format", "gguf", "--gguf-type", "auto", "-o", str(tmp_path / "a.gguf")]
+    for extra, says in (
+        (["--budget", "60%"], "give --budget in ms or s"),
+        (["--uniform", "mlp=1,heads=1"], "give --budget in ms or s"),
+    ):
+        r = CliRunner().invoke(app, [*base, *extra])
+        assert r.exit_code == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    monkeypatch.setattr(lc, "missing", lambda: "llama-cpp-python is not installed; make install-llamacpp")
+    r = CliRunner().invoke(app, [*base, "--budget", "1ms"])
+    assert r.exit_code == 2 and "make install-llamacpp" in r.stderr
+    monkeypatch.setattr(lc, "missing", lambda: None)
+    r = CliRunner().invoke(app, [*base, "--budget", "1ms"])  # only a torch table here
+    assert r.exit_code == 2 and "flex profile --runtime llama.cpp" in r.stderr
+    assert list(tmp_path.glob("*a.gguf*")) == []

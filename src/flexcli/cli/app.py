@@ -214,13 +214,13 @@ def train_router_cmd(
 ) -> None:
     """Train static and input-adaptive routers against the latency table, with the surrogate model."""
     params = dict(locals())
-    from ..commands.train_router import DEFAULT_BUDGETS, RouterHyper, TrainRouterOptions, train_router
+    from ..commands.train_router import DEFAULT_BUDGETS, RouterHyper, TrainRouterOptions, train_routers
     from ..plan.budget import parse_budgets
 
     def work(rep: Reporter):
         h = options(RouterHyper, params)
         o = options(TrainRouterOptions, params, budgets=parse_budgets(budgets or DEFAULT_BUDGETS), hyper=h)
-        return train_router(_elastic_arg(elastic), o, rep)
+        return train_routers(_elastic_arg(elastic), o, rep)
 
     run(work, as_json, render.train_router_result, {"static": "--static/--dynamic"})
 
@@ -250,7 +250,7 @@ def extract(
     uniform: UniformOpt = None,
     regime: RegimeOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="auto, stock (uniform only), flex (per-layer sizes, transformers with remote code) or gguf (one llama.cpp file per budget: llama/qwen2 when uniform, deci otherwise).")] = "auto",
-    gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: WEIGHTS[/EMBED]. f32, f16, bf16 as written; q8_0, q6_k, q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, q4_0, q4_1, iq4_nl, iq4_xs, q3_k_l, q3_k_m, q3_k_s, q2_k by llama.cpp's quantizer; /EMBED sets the embedding and output tensors' type (e.g. q4_0/q4_0).")] = "f16",
+    gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: WEIGHTS[/EMBED]. f32, f16, bf16 as written; q8_0, q6_k, q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, q4_0, q4_1, iq4_nl, iq4_xs, q3_k_l, q3_k_m, q3_k_s, q2_k by llama.cpp's quantizer; /EMBED sets the embedding and output tensors' type (e.g. q4_0/q4_0); auto: for each --budget in ms, the type (one llama.cpp table each) whose configuration has the lowest held-out loss in llama.cpp.")] = "f16",
     imatrix: Annotated[bool, typer.Option("--imatrix/--no-imatrix", help="gguf, quantized types: weigh the quantizer by the sub-model's importance matrix from the conversion's calibration text.")] = True,
     imatrix_tokens: Annotated[int, typer.Option("--imatrix-tokens", min=1, help="Calibration tokens for the importance matrix.")] = 8192,
     max_shard_size: MaxShardOpt = "5GB",

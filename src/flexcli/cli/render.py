@@ -232,6 +232,10 @@ def _mean(values: list[int]) -> float:
 
 
 def train_router_result(r) -> None:
+    if hasattr(r, "runs"):  # one per regime
+        for one in r.runs:
+            train_router_result(one)
+        return
     typer.echo(r.elastic)
     typer.echo(
         f"regime {r.regime} · full {r.full_ms:.3f} ms · smallest {r.smallest_ms:.3f} ms · "
@@ -334,6 +338,34 @@ def extract_result(r) -> None:
         ["budget", "format", "mlp/heads per layer", "params", "predicted ms", "measured ms", "chosen by"],
         rows,
     )
+    for m in r.models:
+        if m.candidates:
+            table(
+                f"--gguf-type auto for {m.budget}: every llama.cpp table's configuration, by held-out loss",
+                [
+                    "type",
+                    "mlp/heads per layer",
+                    "predicted ms",
+                    "measured ms",
+                    "at table speed",
+                    "MiB",
+                    "loss",
+                    "",
+                ],
+                [
+                    [
+                        c["gguf_type"],
+                        " ".join(f"{x['mlp']}/{x['heads']}" for x in c["config"]),
+                        _ms(c["predicted_latency_ms"]),
+                        _ms(c["measured_latency_ms"]),
+                        _ms(c["measured_at_table_speed_ms"]),
+                        f"{(c['file_bytes'] or 0) / 2**20:.1f}",
+                        f"{c['heldout_loss']:.4f}",
+                        "chosen" if c["chosen"] else "",
+                    ]
+                    for c in m.candidates
+                ],
+            )
 
 
 def eval_result(r) -> None:

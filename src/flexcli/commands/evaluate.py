@@ -94,7 +94,9 @@ def _elastic_rows(path: Path, o: EvalOptions, seqs: torch.Tensor, rep: Reporter)
     table, targets = None, []
     if o.request is not None:
         table = optional_table(path, o.regime)
-        router = load_router(path, "static") if o.request.budgets else None
+        router = (
+            load_router(path, "static", table.regime.key if table else None) if o.request.budgets else None
+        )
         targets = resolve_targets(path, el.spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
     count = param_counter(el.spec, src.config)
     rows = []

@@ -8,6 +8,7 @@ in pairs with the full model -> atomic commit.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -91,6 +92,9 @@ class SubModel:
     reference_drift: float | None = None  # reference_ms / the table's full model - 1
     measured_at_table_speed_ms: float | None = None  # measured, rescaled to the machine's speed at table time
     latency_note: str | None = None  # why the latency was not measured, when a table exists
+    candidates: list[dict] | None = (
+        None  # --gguf-type auto: every type's configuration for the budget, scored
+    )
 
 
 @dataclass
@@ -108,6 +112,12 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
     if o.fmt not in FORMATS:
         raise UsageError(f"format must be auto, stock, flex or gguf, got {o.fmt!r}", option="fmt")
     rt = runtimes.for_format(o.fmt)
+    if o.fmt == "gguf" and o.gguf_type == "auto":
+        if o.dry_run:
+            raise UsageError(
+                "--gguf-type auto writes and scores every candidate; it has no dry run", option="dry_run"
+            )
+        return _extract_auto(elastic, o, rep, t0)
     art = ArtifactOptions(
         fmt=o.fmt,
         gguf_type=o.gguf_type,
@@ -125,7 +135,7 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
             f"run `flex profile --runtime {rt.name}` and extract with --regime {rt.name}"
         )
     wants_router = wants_latency(o.request)
-    router = load_router(elastic, "static") if wants_router else None
+    router = load_router(elastic, "static", table.regime.key if table else None) if wants_router else None
     targets = resolve_targets(elastic, spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
     outs = _outputs(elastic, o.output, targets, rt.suffix)
     res = ExtractResult(str(elastic))
@@ -142,6 +152,134 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
         ]
     res.seconds = round(time.time() - t0, 3 if o.dry_run else 2)
     return res
+
+
+AUTO_EVAL = (4, 256)  # held-out calibration-text sequences x tokens each candidate is scored on
+
+
+def _extract_auto(elastic: Path, o: ExtractOptions, rep: Reporter, t0: float) -> ExtractResult:
+    """--gguf-type auto: for each latency budget, every llama.cpp table (one per GGUF type) proposes its
+    configuration (its static router, else the greedy search); each proposal is written at its type,
+    verified and timed in its own regime, and scored by held-out loss in llama.cpp on the conversion's
+    calibration text; the lowest loss is kept, the others are reported as runners-up."""
+    from dataclasses import replace
+
+    from ..io.atomic import sibling
+    from ..latency.table import load_table, matching_regimes
+    from ..runtimes import llamacpp
+
+    req = o.request
+    if req.budgets is None or any(b.kind != "latency" for b in req.budgets):
+        raise UsageError(
+            "--gguf-type auto compares types at one latency: give --budget in ms or s (a percentage is a share "
+            "of one table's full model)",
+            option="gguf_type",
+        )
+    llamacpp.require("--gguf-type auto scores candidates in llama.cpp")
+    rt = runtimes.get("llama.cpp")
+    keys = [k for k in matching_regimes(elastic, o.regime or "llama.cpp:") if k.startswith("llama.cpp:")]
+    if not keys:
+        raise UsageError(
+            "--gguf-type auto chooses among llama.cpp latency tables; run `flex profile --runtime llama.cpp "
+            "--gguf-type q4_0,q8_0,f16` first",
+            option="gguf_type",
+        )
+    spec, src = layout.read_spec(elastic), SourceModel.open(elastic)
+    rt.check(ArtifactOptions(fmt="gguf", imatrix_tokens=o.imatrix_tokens), src, spec, elastic, writing=True)
+    tables = [load_table(elastic, k) for k in keys]
+    first = _auto_targets(elastic, spec, src, req.budgets[0], tables, rep)  # infeasible: before any output
+    stem = elastic.resolve().name.removesuffix("-elastic")
+    many = len(req.budgets) > 1
+    if many:
+        base = (o.output or Path.cwd() / f"{stem}-submodels").resolve()
+        outs = [base / f"{_slug(b.text)}{rt.suffix}" for b in req.budgets]
+    else:
+        outs = [(o.output or Path.cwd() / f"{stem}-{_slug(req.budgets[0].text)}{rt.suffix}").resolve()]
+    _check_outputs(outs, many=many, force=o.force, files=True)
+    seqs = _auto_text(elastic)
+    res = ExtractResult(str(elastic))
+    for b, out in zip(req.budgets, outs):
+        cands = first if b is req.budgets[0] else _auto_targets(elastic, spec, src, b, tables, rep)
+        scored: list[tuple[float, SubModel, Path]] = []
+        scratch = []
+        try:
+            with atomic_file(out, o.force) as tmp:
+                for i, (table, t) in enumerate(cands):
+                    f = sibling(out, f"cand{i}-{os.getpid()}")
+                    scratch.append(f)
+                    art = ArtifactOptions(fmt="gguf", gguf_type=table.regime.dtype, imatrix=o.imatrix,
+                                          imatrix_tokens=o.imatrix_tokens)  # fmt: skip
+                    job = _job(elastic, src, spec, t, table, art)
+                    with rep.task(f"candidate {table.regime.dtype}: {t.label}"):
+                        w = rt.write(job, f, True, rep)
+                        for msg in w.warnings:
+                            rep.warn(f"{out.name} ({table.regime.dtype} candidate): {msg}")
+                        sm = _record(t, out, w, table)
+                        measure_latency(elastic, table, sm, rep, f)
+                        loss = math.log(llamacpp.perplexity(f, seqs))
+                    scored.append((loss, sm, f))
+                scored.sort(key=lambda x: x[0])
+                loss, best, f = scored[0]
+                os.replace(f, tmp)
+        finally:
+            for f in scratch:
+                f.unlink(missing_ok=True)
+        best.candidates = [
+            {
+                "gguf_type": sm.gguf_type,
+                "regime": sm.regime,
+                "config": sm.config,
+                "method": sm.method,
+                "predicted_latency_ms": sm.predicted_latency_ms,
+                "measured_latency_ms": sm.measured_latency_ms,
+                "measured_at_table_speed_ms": sm.measured_at_table_speed_ms,
+                "file_bytes": sm.file_bytes,
+                "bits_per_weight": sm.bits_per_weight,
+                "heldout_loss": x,
+                "chosen": sm is best,
+            }
+            for x, sm, _ in scored
+        ]
+        res.models.append(replace(best, output=str(out)))
+    res.seconds = round(time.time() - t0, 2)
+    return res
+
+
+def _auto_targets(
+    elastic: Path, spec: ElasticSpec, src: SourceModel, budget, tables: list[LatencyTable], rep: Reporter
+) -> list[tuple[LatencyTable, Target]]:
+    """(table, its configuration for `budget`) for each llama.cpp table the budget is feasible in."""
+    from ..errors import InfeasibleError
+
+    out, below = [], []
+    for table in tables:
+        router = load_router(elastic, "static", table.regime.key)
+        try:
+            t = resolve_targets(
+                elastic, spec, src.config, Request(budgets=[budget]), table, router, Reporter()
+            )
+        except InfeasibleError:
+            below.append(f"{table.regime.dtype} {table.smallest_ms():.3f} ms")
+            continue
+        out.append((table, t[0]))
+    if not out:
+        raise InfeasibleError(
+            f"budget {budget.text} is below the smallest sub-network of every llama.cpp table ({', '.join(below)})"
+        )
+    for b in below:
+        rep.info(f"{budget.text}: not feasible at {b} (its smallest sub-network)")
+    return out
+
+
+def _auto_text(elastic: Path):
+    """Held-out sequences of the conversion's calibration text (its recipe's calibration.data)."""
+    from transformers import AutoTokenizer
+
+    from ..train.data import load_sequences
+
+    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
+    tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
+    return load_sequences(tok, cal.get("data") or "stdlib", *AUTO_EVAL, "heldout")
 
 
 def wants_latency(request: Request) -> bool:

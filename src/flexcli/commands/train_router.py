@@ -97,6 +97,34 @@ class _Run:
     hyper: RouterHyper
 
 
+@dataclass
+class TrainRouterRuns:
+    """One result per regime, when --regime named several tables (one llama.cpp table per GGUF type)."""
+
+    runs: list[TrainRouterResult]
+
+
+def train_routers(
+    elastic_dir: Path, options: TrainRouterOptions | None = None, reporter: Reporter | None = None
+) -> TrainRouterResult | TrainRouterRuns:
+    """`train_router` against every table `options.regime` names (a unique one: its result). Each regime
+    keeps its own routers; budgets given as percentages are shares of each table's full model."""
+    from dataclasses import replace
+
+    from ..latency.table import matching_regimes
+
+    o = options or TrainRouterOptions()
+    keys = matching_regimes(elastic_dir, o.regime)
+    if len(keys) <= 1:
+        return train_router(elastic_dir, o, reporter)
+    if o.hyper.joint_steps:
+        raise UsageError(
+            f"joint fine-tuning changes the LLM's weights for one regime; --regime names {len(keys)} tables",
+            option="joint_steps",
+        )
+    return TrainRouterRuns([train_router(elastic_dir, replace(o, regime=k), reporter) for k in keys])
+
+
 def train_router(
     elastic_dir: Path, options: TrainRouterOptions | None = None, reporter: Reporter | None = None
 ) -> TrainRouterResult:
@@ -145,7 +173,7 @@ def train_router(
         joint_stats,
         0.0,
     )
-    save_routers(
+    dropped = save_routers(
         elastic_dir,
         run.elastic,
         st_router,
@@ -156,6 +184,10 @@ def train_router(
         result,
         weights_changed=joint_stats is not None,
     )
+    if dropped:
+        msg = f"joint fine-tuning changed the weights: the routers of {', '.join(dropped)} were removed"
+        rep.warn(msg)
+        result.notes.append(msg)
     result.seconds = round(time.time() - t0, 2)
     return result
 

@@ -125,6 +125,14 @@ def regimes(path: Path) -> list[str]:
     return list(layout.read_latency(path)["regimes"])
 
 
+def matching_regimes(path: Path, regime: str | None) -> list[str]:
+    """Every regime key `regime` names: itself when it is a key, else each key containing it."""
+    data = layout.read_latency(path)["regimes"]
+    if regime is None or regime in data:
+        return [regime] if regime in data else list(data)[-1:]
+    return [k for k in data if regime in k]
+
+
 def load_table(path: Path, regime: str | None = None) -> LatencyTable:
     """The table for `regime` (a key, a unique part of one, or None for the newest); a one-line error if missing."""
     data = layout.read_latency(path)["regimes"]

@@ -1,5 +1,11 @@
 """Routers on disk: ELASTIC/flex_routers.{safetensors,json}, written in one atomic step with the weights
-when joint fine-tuning changed them too."""
+when joint fine-tuning changed them too.
+
+One router set per latency regime (a llama.cpp table per GGUF type has its own routers): the metadata's
+`regimes` maps each regime key to its document, whose `prefix` names its tensors. Training a regime
+replaces that regime's set and keeps the others, unless the LLM's weights changed (joint fine-tuning):
+routers trained against the old weights are then dropped. A file written before per-regime storage (one
+document with a top-level `regime`) reads as that regime's set."""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..arch.spec import ElasticSpec
@@ -33,24 +40,32 @@ def save_routers(
     hyper: RouterHyper,
     report: Any,
     weights_changed: bool,
-) -> None:
-    """Write the routers (and, when `weights_changed`, the LLM's weights under their stored names and
-    dtypes) into ELASTIC as one atomic step; `report` is the command's result, kept in the metadata."""
+) -> list[str]:
+    """Write the routers of `table`'s regime (and, when `weights_changed`, the LLM's weights under their
+    stored names and dtypes) into ELASTIC as one atomic step; `report` is the command's result, kept in
+    the metadata. Returns the other regimes whose routers were dropped (weights changed)."""
     tensors = {}
     for prefix, mod in (("static.", st), ("dynamic.", dyn)):
         if mod is not None:
             tensors.update({prefix + k: v.detach().contiguous() for k, v in mod.state_dict().items()})
     doc = {
-        "format": layout.ROUTERS_FORMAT,
         "targets_ms": targets,
         "regime": table.regime.key,
         "static": st is not None,
         "dynamic": dyn is not None,
         "sizes": {"hidden": hyper.hidden, "targets": len(targets)},
         "hyper": asdict(hyper),
-        "sha256": None,
         "report": asdict(report),
     }
+    sets = router_sets(path)
+    dropped = [k for k in sets if k != table.regime.key] if weights_changed else []
+    sets = {} if weights_changed else {k: v for k, v in sets.items() if k != table.regime.key}
+    sets[table.regime.key] = (doc, tensors)
+    flat, docs = {}, {}
+    for i, (key, (d, t)) in enumerate(sets.items()):
+        d = {**d, "prefix": f"r{i}."}
+        flat.update({d["prefix"] + k: v for k, v in t.items()})
+        docs[key] = d
     writers: dict[str, Any] = {}
     staged = None
     if weights_changed:  # staged beside ELASTIC, then moved in by the same atomic swap
@@ -68,21 +83,44 @@ def save_routers(
         old = {f.name for f in src.weight_files} | {"model.safetensors.index.json"}
         writers.update({name: None for name in old - set(names)})  # dropped from the new directory
         writers.update({name: (lambda dest, n=name: (staged / n).rename(dest)) for name in names})
-    writers.update(layout.router_writers(tensors, doc))  # the metadata last: it records the tensors' hash
+    # the metadata last: it records the tensors' hash
+    writers.update(
+        layout.router_writers(flat, {"format": layout.ROUTERS_FORMAT, "regimes": docs, "sha256": None})
+    )
     try:
         update_dir(path, writers)
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
+    return dropped
 
 
-def load_router(path: Path, kind: str = "static") -> tuple[nn.Module, dict[str, Any]] | None:
-    """The trained `kind` ('static' or 'dynamic') router of ELASTIC and its metadata, or None when none
-    was trained."""
+def router_sets(path: Path) -> dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """Regime key -> (its router document, its tensors without the prefix), in the order trained."""
     found = layout.read_routers(path)
-    if found is None or not found[0].get(kind):
-        return None
+    if found is None:
+        return {}
     doc, tensors = found
+    if "regimes" not in doc:  # one set, written before per-regime storage
+        return {doc["regime"]: (doc, tensors)}
+    out = {}
+    for key, d in doc["regimes"].items():
+        p = d["prefix"]
+        out[key] = (d, {n[len(p) :]: v for n, v in tensors.items() if n.startswith(p)})
+    return out
+
+
+def load_router(
+    path: Path, kind: str = "static", regime: str | None = None
+) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The trained `kind` ('static' or 'dynamic') router of ELASTIC for the regime key `regime` (None:
+    the set trained last) and its metadata, or None when none was trained for it."""
+    sets = router_sets(path)
+    if regime is None and sets:
+        regime = list(sets)[-1]
+    if regime not in sets or not sets[regime][0].get(kind):
+        return None
+    doc, tensors = sets[regime]
     spec: ElasticSpec = layout.read_spec(path)
     L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
     sd = {k[len(kind) + 1 :]: v for k, v in tensors.items() if k.startswith(kind + ".")}

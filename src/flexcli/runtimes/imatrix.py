@@ -76,13 +76,29 @@ def calibration_sequences(elastic: Path, tokens: int = IMATRIX_TOKENS) -> torch.
     return load_sequences(tok, cal.get("data") or "stdlib", max(1, tokens // seq_len), seq_len, "train")
 
 
+_CACHE: dict[tuple, dict[str, np.ndarray]] = {}  # one process extracting a configuration at several types
+
+
+def _weights_key(elastic: Path) -> tuple:
+    """The checkpoint's weights by identity (inode and mtime: hard-linked copies share it)."""
+    from ..io.source import SourceModel
+
+    return tuple((f.stat().st_ino, f.stat().st_mtime_ns) for f in SourceModel.open(elastic).weight_files)
+
+
 def sub_model_imatrix(
     elastic: Path, cfg: Config, plan_tensors, tied: bool, tokens: int = IMATRIX_TOKENS
 ) -> dict[str, np.ndarray]:
-    """The importance matrix of ELASTIC at `cfg`, named for the GGUF file `plan_tensors` describes."""
+    """The importance matrix of ELASTIC at `cfg`, named for the GGUF file `plan_tensors` describes
+    (computed once per process for the same weights, configuration and tokens)."""
     from ..elastic.runtime import load_elastic
 
-    seqs = calibration_sequences(elastic, tokens)
-    el = load_elastic(elastic)
-    with el.configured(cfg):
-        return collect(el.model, seqs, gguf_names(plan_tensors, tied))
+    key = (_weights_key(elastic), tuple(map(tuple, cfg)), tokens, tied)
+    if key not in _CACHE:
+        seqs = calibration_sequences(elastic, tokens)
+        el = load_elastic(elastic)
+        with el.configured(cfg):
+            _CACHE[key] = collect(el.model, seqs, gguf_names(plan_tensors, tied))
+        while len(_CACHE) > 32:
+            _CACHE.pop(next(iter(_CACHE)))
+    return _CACHE[key]

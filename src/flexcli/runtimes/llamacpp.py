@@ -170,7 +170,7 @@ def write_file(
     from ..io.gguf_export import write_gguf
 
     src, spec, cfg = job.src, job.spec, job.cfg
-    first = t.weights if not t.quantized else quant.intermediate(t, _checkpoint_dtypes(src))
+    first = t.weights if not t.quantized else quant.intermediate(_checkpoint_dtypes(src))
     plan = _plan(src, spec, cfg, first, keep)
     mid = path if not t.quantized else path.with_name(path.name + f".{first}")
     stream = ((k, x) for k, x in stream_sliced(src, spec, _whole(spec, cfg)) if keep is None or keep(k))
@@ -377,6 +377,11 @@ def _ppl(logits: np.ndarray, seqs: torch.Tensor) -> float:
     y = seqs[:, 1:].numpy()
     nll = -np.take_along_axis(logp, y[..., None], -1).mean()
     return float(math.exp(nll))
+
+
+def perplexity(gguf: Path, seqs: torch.Tensor) -> float:
+    """Held-out perplexity of a GGUF file from llama.cpp's own logits on (n, T) token sequences."""
+    return _ppl(_logits(gguf, seqs), seqs)
 
 
 class LlamaCppBackend:

@@ -136,10 +136,10 @@ def ftype_id(name: str) -> int:
     return int(LlamaFileType["ALL_F32" if name == "f32" else f"MOSTLY_{name.upper()}"])
 
 
-def intermediate(t: GGUFType, checkpoint_dtypes: set[str]) -> str:
-    """The exporter's type for a file the quantizer reads: bf16 for bf16 checkpoints (f16 could overflow
-    their values), else f16, as llama.cpp's own convert-then-quantize path does."""
-    return "bf16" if checkpoint_dtypes == {"BF16"} else "f16"
+def intermediate(checkpoint_dtypes: set[str]) -> str:
+    """The exporter's type for a file the quantizer reads: bf16 for bf16 checkpoints (exact; f16 could
+    overflow their values), else f16, as llama.cpp's own convert-then-quantize path does."""
+    return "bf16" if "BF16" in checkpoint_dtypes and "F16" not in checkpoint_dtypes else "f16"
 
 
 @dataclass
