@@ -425,7 +425,8 @@ def report(results: dict, out: Path) -> None:
         if "targets" not in r:
             continue
         t = r["targets"]
-        lines += [f"## {name}", "", f"Reference {r['reference']['file']}: median {r['reference']['median_ms']:.2f} ms, "
+        lines += [f"## {name}", "", f"Measured {r.get('created', results['created'])}. "
+                  f"Reference {r['reference']['file']}: median {r['reference']['median_ms']:.2f} ms, "
                   f"drift over the run {r['reference']['drift']:.0%}.", ""]  # fmt: skip
         lines += ["| group | model | type | imatrix | x ref | ms | ppl code | ppl prose | bpw | MiB | fallbacks |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -510,8 +511,14 @@ def main() -> None:
         "quick": a.quick,
         "models": {},
     }
+    prev = a.out / "pareto.json"
+    if prev.is_file():  # models measured by an earlier run and not re-measured now are kept, with their date
+        old = json.loads(prev.read_text())
+        for name, r in old.get("models", {}).items():
+            if name not in a.models:
+                results["models"][name] = {**r, "created": r.get("created", old.get("created"))}
     for name, src in _sources(a, a.work).items():
-        results["models"][name] = {}
+        results["models"][name] = {"created": results["created"]}
         run_model(name, src, a.work, a, results["models"][name], lambda: report(results, a.out))
 
 

@@ -161,6 +161,7 @@ def test_gguf_type_auto_refusals_are_one_line(tmp_path, tokenizer_dir, calib_fil
     for extra, says in (
         (["--budget", "60%"], "give --budget in ms or s"),
         (["--uniform", "mlp=1,heads=1"], "give --budget in ms or s"),
+        (["--budget", "1ms", "--dry-run"], "no dry run"),
     ):
         r = CliRunner().invoke(app, [*base, *extra])
         assert r.exit_code == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
