@@ -72,7 +72,8 @@ bench-scale: install
 
 # Decode ms vs held-out ppl at every llama.cpp quantization: the full model at every type, flexcli's widths x
 # types with and without the importance matrix, budgets per table type (SmolLM2 from PyPI + the demo model)
-# -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png. About 50 min on 2 cores.
+# -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png. SmolLM2 alone took 66 min on 2 cores
+# (BENCH_PARETO_ARGS=--models smollm2; --quick for a smoke run).
 bench-pareto: install-llamacpp
 	$(BIN)/python bench/bench_pareto.py $(BENCH_PARETO_ARGS)
 
