@@ -91,7 +91,23 @@ def _sources(a, work: Path) -> dict[str, dict[str, Any]]:
         demo = ROOT / "demo" / "base-elastic"
         if not (demo / "flex_elastic.json").exists():
             subprocess.run([sys.executable, "-m", "flexcli.demo"], cwd=ROOT, check=True)
-        out["demo"] = {"flex": demo, "orig": None, "anchor": None}
+        orig = work / "demo-orig-elastic"  # the demo's base model, unpermuted
+        if not (orig / "flex_elastic.json").exists():
+            recipe = work / "demo-orig.yaml"
+            recipe.write_text(
+                "importance: {order: identity}\ncalibration: {data: stdlib, samples: 64, seq_len: 256}\n"
+            )
+            flex(
+                "convert",
+                str(ROOT / "demo" / "base"),
+                "-o",
+                str(orig),
+                "--recipe",
+                str(recipe),
+                "--force",
+                cwd=work,
+            )
+        out["demo"] = {"flex": demo, "orig": orig, "anchor": None}
     return out
 
 
@@ -358,7 +374,9 @@ def targets(res: dict) -> dict[str, Any]:
         best = min(emb, key=lambda p: p["ratio"])
         out["embed_q4_0_fastest_vs_full_q4_0"] = {"ratio": best["ratio"] / ref_full["ratio"], "label": best["label"],
                                                   "meets_0.6x": best["ratio"] / ref_full["ratio"] <= 0.6}  # fmt: skip
-    full_front = _frontier([p for p in pts if p["group"] in ("original full", "original file")])
+    full_front = _frontier([p for p in pts if p["group"] in ("original full", "original file")]) or _frontier(
+        [p for p in pts if p["group"] == "flexcli full"]
+    )  # no unpermuted conversion: flexcli's full model is the full model
     flex_front = _frontier([p for p in pts if p["group"] in ("flexcli full", "flexcli sub")])
     out["frontier_full_model"] = [(p["label"], p["gguf_type"], p["imatrix"]) for p in full_front]
     out["frontier_flexcli"] = [(p["label"], p["gguf_type"], p["imatrix"]) for p in flex_front]
