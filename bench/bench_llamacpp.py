@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, flex  # noqa: E402
+from common import ROOT, flex, private_copy, smollm2_cache  # noqa: E402
 
 from flexcli.runtimes import llamacpp  # noqa: E402
 
@@ -38,17 +36,13 @@ FRACTIONS = (0.3, 0.55, 0.8)  # budgets between the smallest and the full model 
 EVAL_WINDOWS, SEQ = 8, 256
 
 
-def _smollm2_cache() -> Path:
-    return Path(os.environ.get("FLEX_CACHE", Path.home() / ".cache" / "flexcli")).expanduser() / "smollm2"
-
-
 def _sources(a) -> dict[str, tuple[Path, Path | None]]:
     """name -> (elastic checkpoint, original GGUF anchor or None); builds the missing ones."""
     demo = ROOT / "demo" / "base-elastic"
     if "demo" in a.models and not (demo / "flex_elastic.json").exists():
         subprocess.run([sys.executable, "-m", "flexcli.demo"], cwd=ROOT, check=True)
-    smol = _smollm2_cache() / "bench" / "flextron"
-    anchor = _smollm2_cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    smol = smollm2_cache() / "bench" / "flextron"
+    anchor = smollm2_cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if "smollm2" in a.models and not (smol / "flex_elastic.json").exists():
         subprocess.run(
             [sys.executable, str(ROOT / "bench" / "bench_real.py"), "--resume"], cwd=ROOT, check=True
@@ -59,11 +53,7 @@ def _sources(a) -> dict[str, tuple[Path, Path | None]]:
 def _workdir(src: Path, dst: Path, anchor: Path | None) -> Path:
     """A private copy (hard links) of the elastic checkpoint, so its tables and routers stay untouched; a
     checkpoint converted from a GGUF before flexcli kept the file's tokenizer block gets it here."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, copy_function=os.link)
-    for f in ("flex_latency.json", "flex_routers.json", "flex_routers.safetensors"):
-        (dst / f).unlink(missing_ok=True)
+    private_copy(src, dst)
     if anchor is not None and not (dst / "flex_gguf_tokenizer.gguf").exists():
         from gguf import GGUFReader
 

