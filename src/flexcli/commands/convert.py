@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..arch.spec import ElasticSpec
+from ..arch.spec import QUANT_BLOCKS, ElasticSpec
 from ..device import autocast_dtype, resolve_device
 from ..elastic.evaluate import UniformWidth, uniform_width_report
 from ..elastic.importance import (
@@ -106,8 +106,10 @@ def resolve_recipe(model: str, o: ConvertOptions) -> Recipe:
     c.data, c.samples, c.seq_len = o.calib or c.data, o.calib_samples or c.samples, o.seq_len or c.seq_len
     r.device, r.dtype = o.device or r.device, o.dtype or r.dtype
     r.eval.data = o.eval_data or r.eval.data
-    if o.quant_blocks not in (None, "k", "legacy"):
-        raise UsageError(f"must be k or legacy, got {o.quant_blocks!r}", option="quant_blocks")
+    if o.quant_blocks is not None and o.quant_blocks not in QUANT_BLOCKS:
+        raise UsageError(
+            f"must be {' or '.join(QUANT_BLOCKS)}, got {o.quant_blocks!r}", option="quant_blocks"
+        )
     r.elastic.quant_blocks = o.quant_blocks or r.elastic.quant_blocks
     if o.steps is not None or o.train_tokens is not None:
         t.steps, t.tokens = o.steps, o.train_tokens

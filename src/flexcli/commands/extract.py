@@ -196,7 +196,9 @@ def _extract_auto(elastic: Path, o: ExtractOptions, rep: Reporter, t0: float) ->
     else:
         outs = [(o.output or Path.cwd() / f"{stem}-{_slug(req.budgets[0].text)}{rt.suffix}").resolve()]
     _check_outputs(outs, many=many, force=o.force, files=True)
-    seqs = _auto_text(elastic)
+    from ..runtimes.imatrix import calibration_text
+
+    seqs = calibration_text(elastic, *AUTO_EVAL, "heldout")
     res = ExtractResult(str(elastic))
     for b, out in zip(req.budgets, outs):
         cands = first if b is req.budgets[0] else _auto_targets(elastic, spec, src, b, tables, rep)
@@ -269,17 +271,6 @@ def _auto_targets(
     for b in below:
         rep.info(f"{budget.text}: not feasible at {b} (its smallest sub-network)")
     return out
-
-
-def _auto_text(elastic: Path):
-    """Held-out sequences of the conversion's calibration text (its recipe's calibration.data)."""
-    from transformers import AutoTokenizer
-
-    from ..train.data import load_sequences
-
-    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
-    tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
-    return load_sequences(tok, cal.get("data") or "stdlib", *AUTO_EVAL, "heldout")
 
 
 def wants_latency(request: Request) -> bool:

@@ -62,18 +62,27 @@ def gguf_names(plan_tensors, tied: bool) -> dict[str, str]:
     return names
 
 
-def calibration_sequences(elastic: Path, tokens: int = IMATRIX_TOKENS) -> torch.Tensor:
+def calibration_text(elastic: Path, n: int, seq_len: int, split: str) -> torch.Tensor:
     """(n, seq_len) sequences of the checkpoint's own calibration text (its recipe's calibration.data,
-    train split), about `tokens` tokens."""
+    default stdlib), from `split` ("train" or "heldout")."""
     from transformers import AutoTokenizer
 
     from ..io import layout
     from ..train.data import load_sequences
 
     cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
-    seq_len = min(int(cal.get("seq_len") or MAX_SEQ), MAX_SEQ)
     tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
-    return load_sequences(tok, cal.get("data") or "stdlib", max(1, tokens // seq_len), seq_len, "train")
+    return load_sequences(tok, cal.get("data") or "stdlib", n, seq_len, split)
+
+
+def calibration_sequences(elastic: Path, tokens: int = IMATRIX_TOKENS) -> torch.Tensor:
+    """About `tokens` tokens of the calibration text's train split, at the recipe's sequence length
+    (at most MAX_SEQ)."""
+    from ..io import layout
+
+    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
+    seq_len = min(int(cal.get("seq_len") or MAX_SEQ), MAX_SEQ)
+    return calibration_text(elastic, max(1, tokens // seq_len), seq_len, "train")
 
 
 _CACHE: dict[tuple, dict[str, np.ndarray]] = {}  # one process extracting a configuration at several types

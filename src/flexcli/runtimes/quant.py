@@ -50,7 +50,6 @@ QUANTIZED = (
 FILE_TYPES = PLAIN + QUANTIZED
 # ggml types an EMBED may name (the embedding / output tensor is stored as exactly this type)
 EMBED_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1", "iq4_nl")
-BLOCK_FAMILIES = ("k", "legacy")  # 256-value blocks (K-quants, iq4_xs) | 32-value blocks
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class GGUFType:
 
     @property
     def quantized(self) -> bool:
-        return self.weights in QUANTIZED or self.embed not in (None, *PLAIN)
+        return self.weights in QUANTIZED  # parse_type refuses a quantized EMBED with plain weights
 
     @property
     def block(self) -> int:
@@ -123,13 +122,6 @@ def block_size(name: str) -> int:
     return GGML_QUANT_SIZES[ggml_type(name)][0]
 
 
-def family_block(family: str) -> int:
-    """Row multiple a block family needs: 256 (K-quants) or 32 (legacy)."""
-    if family not in BLOCK_FAMILIES:
-        raise UsageError(f"block family must be one of {', '.join(BLOCK_FAMILIES)}, got {family!r}")
-    return 256 if family == "k" else 32
-
-
 def ftype_id(name: str) -> int:
     from gguf import LlamaFileType
 
@@ -159,7 +151,6 @@ class QuantReport:
     types: dict[str, int]
     file_bytes: int
     fallbacks: list[Fallback] = field(default_factory=list)
-    imatrix_tensors: int = 0  # tensors the importance matrix covered (0: none given)
 
 
 def file_report(path: Path) -> QuantReport:
@@ -233,5 +224,4 @@ def quantize(
         )
     rep = file_report(dst)
     rep.fallbacks = parse_fallbacks(text)
-    rep.imatrix_tensors = len(imatrix or {})
     return rep
