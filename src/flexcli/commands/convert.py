@@ -39,7 +39,7 @@ from ..progress import Reporter
 from ..recipe import Recipe, find_builtin, load_recipe, validate
 from ..train import distributed as D
 from ..train.checkpoints import Checkpoints, recipe_hash, work_dir
-from ..train.data import STDLIB, load_sequences
+from ..train.data import has_split, load_sequences
 from ..train.elastic import TrainReport, run_train_stage, training_data
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
@@ -253,7 +253,7 @@ def _resolve(model: str, o: ConvertOptions, rep: Reporter) -> _Job:
         )
     eval_seqs = None
     if recipe.eval.data:
-        split = "heldout" if recipe.eval.data == STDLIB else "train"
+        split = "heldout" if has_split(recipe.eval.data) else "train"
         eval_seqs = load_sequences(tok, recipe.eval.data, recipe.eval.samples, recipe.eval.seq_len, split)
     with rep.task("hashing source files"):  # provenance: SHA-256 of config and weights, read in chunks
         hashes = src.file_hashes()

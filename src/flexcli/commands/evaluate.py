@@ -19,7 +19,7 @@ from ..io.source import SourceModel, load_tokenizer
 from ..plan.search import Request, optional_table, param_counter, resolve_targets
 from ..progress import Reporter
 from ..router.store import load_router
-from ..train.data import STDLIB, load_sequences
+from ..train.data import STDLIB, has_split, load_sequences
 
 
 @dataclass(kw_only=True)
@@ -62,7 +62,7 @@ def evaluate(path: Path, options: EvalOptions, reporter: Reporter | None = None)
     register_auto_classes()
     src = GGUFSource.open(gguf, "float32") if gguf is not None else None
     tok = src.tokenizer() if src is not None else load_tokenizer(Path(path))
-    seqs = load_sequences(tok, o.data, o.samples, o.seq_len, "heldout" if o.data == STDLIB else "train")
+    seqs = load_sequences(tok, o.data, o.samples, o.seq_len, "heldout" if has_split(o.data) else "train")
     res = EvalResult(str(path), o.data, int(seqs.numel()))
     if src is not None or not layout.is_elastic(path):
         if o.request is not None:

@@ -349,13 +349,16 @@ class Alongside:
     at_table_speed_ms: float  # measured_ms rescaled to the machine's speed when the table was made
 
 
-def time_alongside(sess: Session, table: LatencyTable, fn, repeats: int = 3) -> Alongside:
-    """Median of `repeats` paired timings of `fn` and the full model, against `table`."""
+def time_alongside(sess: Session, table: LatencyTable, fn, repeats: int = 5) -> Alongside:
+    """`repeats` paired timings of `fn` and the full model, against `table`: the medians of each side, and
+    the median of the per-timing ratios at table speed (the ratio of the medians would let one slow spell
+    on one side of one timing move it)."""
     pairs = [sess.paired(fn) for _ in range(repeats)]
     x = statistics.median(p.ms for p in pairs)
     r = statistics.median(p.ref_ms for p in pairs)
+    q = statistics.median(p.ms / p.ref_ms for p in pairs)
     full = table.predict(sess.spec.full(), corrected=False)
-    return Alongside(x, r, r / full - 1, x * full / r)
+    return Alongside(x, r, r / full - 1, q * full)
 
 
 @dataclass

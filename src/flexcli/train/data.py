@@ -8,11 +8,19 @@ Two built-in corpora are present on every machine with Python:
 - ``pydoc``: English prose, the language-reference topics CPython ships for ``help()``
   (``Lib/pydoc_data/topics.py``), one document per topic. It is a second, different-domain corpus for
   evaluation; it has no split (every topic is in both), and it is not part of ``stdlib``.
+- ``docstrings``: English prose for calibration, the docstrings (module, class, function) of ``stdlib``'s
+  files of the same split, one document per file (in reverse order): it never touches the held-out
+  files or pydoc.
+
+``A+B`` mixes corpora document by document (A, B, A, B, ...; the rest of the longer one after the shorter
+ends), so any prefix of the stream holds both.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
@@ -26,7 +34,8 @@ from ..errors import UsageError
 
 STDLIB = "stdlib"
 PYDOC = "pydoc"
-BUILTIN = (STDLIB, PYDOC)
+DOCSTRINGS = "docstrings"
+BUILTIN = (STDLIB, PYDOC, DOCSTRINGS)
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".jsonl", ".json", ".csv", ".tex", ".html", ".c", ".h", ""}
 
 
@@ -79,17 +88,56 @@ def pydoc_topics() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
+def has_split(source: str | Path) -> bool:
+    """Whether `source` is built from stdlib's file split ('stdlib', 'docstrings' and their mixes), so
+    its 'heldout' split is text its 'train' split never contains."""
+    return all(part in (STDLIB, DOCSTRINGS) for part in str(source).split("+"))
+
+
+def _stdlib_sources(split: str, reverse: bool = False) -> Iterator[str]:
+    files = stdlib_files(split)
+    for p in reversed(files) if reverse else files:
+        try:
+            yield p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+
+
+def docstrings(source: str) -> str:
+    """The docstrings of one Python file (module, classes, functions, in source order), blank-line
+    separated; "" when it has none or does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds)]
+    return "\n\n".join(d for d in found if d and d.strip())
+
+
+def _interleave(streams: list[Iterator[str]]) -> Iterator[str]:
+    sentinel = object()
+    for docs in itertools.zip_longest(*streams, fillvalue=sentinel):
+        yield from (d for d in docs if d is not sentinel)
+
+
 def iter_documents(source: str | Path, split: str = "train") -> Iterator[str]:
-    """Yield documents from a text file, a JSONL file (`text` field), a directory, 'stdlib' or 'pydoc'."""
+    """Yield documents from a text file, a JSONL file (`text` field), a directory, 'stdlib', 'pydoc',
+    'docstrings', or several of these joined by '+' (interleaved document by document)."""
+    parts = str(source).split("+")
+    if len(parts) > 1 and all(parts):
+        yield from _interleave([iter_documents(p, split) for p in parts])
+        return
     if str(source) == PYDOC:
         yield from pydoc_topics()
         return
     if str(source) == STDLIB:
-        for p in stdlib_files(split):
-            try:
-                yield p.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
+        yield from _stdlib_sources(split)
+        return
+    if str(source) == DOCSTRINGS:
+        # the files in reverse order: 'stdlib+docstrings' then mixes different files, not a file's
+        # code with its own docstrings
+        yield from (d for d in map(docstrings, _stdlib_sources(split, reverse=True)) if d)
         return
     p = Path(source)
     if not p.exists():
@@ -179,8 +227,8 @@ def train_and_heldout(
     """(1-D training token stream, (n, seq_len) held-out sequences). With `cache` (a directory) the
     stream is a memory-mapped token file there (see `token_file`); otherwise it is read into memory.
 
-    For 'stdlib' the held-out text is the held-out file split; for anything else it is the last 5% of
-    the tokens read (the training stream never contains it).
+    For 'stdlib' (and 'docstrings' and their mix) the held-out text is the held-out file split; for
+    anything else it is the last 5% of the tokens read (the training stream never contains it).
     """
 
     def stream(n: int, split: str = "train") -> torch.Tensor:
@@ -188,7 +236,7 @@ def train_and_heldout(
             return token_stream(tokenizer, source, n, split)
         return token_file(tokenizer, source, n, cache / f"tokens-{split}-{n}.u32", split)
 
-    if str(source) == STDLIB:
+    if has_split(source):
         return stream(max_tokens), load_sequences(tokenizer, source, heldout_seqs, seq_len, "heldout")
     tokens = stream(max_tokens + heldout_seqs * seq_len)
     cut = max(seq_len + 1, int(tokens.numel() * 0.95))
