@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-scale bench-pareto bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-scale bench-pareto bench-recovery bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -76,6 +76,12 @@ bench-scale: install
 # (BENCH_PARETO_ARGS=--models smollm2; --quick for a smoke run).
 bench-pareto: install-llamacpp
 	$(BIN)/python bench/bench_pareto.py $(BENCH_PARETO_ARGS)
+
+# What recovers SmolLM2 sub-models at 60/75/90% of the full model's llama.cpp f16 decode latency, lever by
+# lever with its CPU seconds (compensation at extraction, allocation, calibration text; no training yet)
+# -> docs/results/recovery.{md,json}. Work and cache in $$FLEX_CACHE/recovery; --resume reuses stages.
+bench-recovery: install-llamacpp
+	$(BIN)/python bench/bench_recovery.py $(BENCH_RECOVERY_ARGS)
 
 # GPU evidence in one run (kernel tests compiled, bench-kernels, CUDA latency tables) -> $(OUT); see
 # bench/gpu_check.sh. gpu-check-dry runs the same steps at toy sizes on this CPU first.

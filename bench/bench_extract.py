@@ -180,6 +180,7 @@ def extraction_bench(work: Path, size: str = "7b") -> dict:
         "-o",
         str(work / "half"),
         "--no-verify",
+        "--no-compensate",  # the plain slicer's I/O is what is measured (and checked bit-exact below)
         "--max-shard-size",
         "10GB",
     ]

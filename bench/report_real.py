@@ -161,4 +161,19 @@ def write(r: dict[str, Any], out: Path) -> None:
         L.append(f"- `{json.dumps(prompt)}`")
         for mm in e["models"]:
             L.append(f"  - {mm.get('budget') or mm['name']}: `{json.dumps(mm['continuations'][i])}`")
+    L += recovery_section(out / "results" / "recovery.json")
     (out / "RESULTS-real.md").write_text("\n".join(L) + "\n")
+
+
+def recovery_section(path: Path) -> list[str]:
+    """The ablation of `make bench-recovery` (its own run, docs/results/recovery.json), when there is one."""
+    if not path.is_file():
+        return []
+    from bench_recovery import table_lines
+
+    return [
+        "",
+        "## Recovery levers (`make bench-recovery`, docs/results/recovery.md)",
+        "",
+        *table_lines(json.loads(path.read_text())),
+    ]

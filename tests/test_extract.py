@@ -17,6 +17,9 @@ from flexcli.arch.spec import config_from_json
 from flexcli.cli import app
 
 runner = CliRunner()
+PLAIN = [
+    "--no-compensate"
+]  # these tests hold the slicer to the elastic model exactly (test_compensate: the refit)
 
 FRESH = r"""
 import sys, json, torch
@@ -49,7 +52,8 @@ def _fresh(sub: Path, remote: bool, tmp_path) -> tuple[dict, torch.Tensor]:
 def test_uniform_extract_is_stock_and_matches(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied):
     el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, family, heads, kv, tied)
     res = runner.invoke(
-        app, ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"), "--json"]
+        app,
+        ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / "sub"), "--json", *PLAIN],
     )
     assert res.exit_code == 0, res.stderr
     m = json.loads(res.stdout)["models"][0]
@@ -72,7 +76,7 @@ def test_per_layer_extract_needs_remote_code_or_flexcli(tmp_path, tokenizer_dir,
     cfile = tmp_path / "cfg.json"
     cfile.write_text(json.dumps([{"mlp": m, "heads": h} for m, h in cfg]))
     res = runner.invoke(
-        app, ["extract", str(el), "--config", str(cfile), "-o", str(tmp_path / "sub"), "--json"]
+        app, ["extract", str(el), "--config", str(cfile), "-o", str(tmp_path / "sub"), "--json", *PLAIN]
     )
     assert res.exit_code == 0, res.stderr
     m = json.loads(res.stdout)["models"][0]
@@ -167,11 +171,13 @@ def test_defaults_from_project_file_and_eval(tmp_path, tokenizer_dir, calib_file
     assert ev.exit_code == 0, ev.stderr
     rows = json.loads(ev.stdout)["rows"]
     assert [r["name"] for r in rows] == ["full", "70%"] and all(r["ppl"] > 1 for r in rows)
+    assert rows[0]["compensated"] is None and rows[1]["compensated"] is True  # as extract wrote it
     sub = runner.invoke(
         app, ["eval", str(out), "--data", str(calib_file), "--samples", "2", "--seq-len", "32", "--json"]
     )
     assert sub.exit_code == 0, sub.stderr
     assert json.loads(sub.stdout)["rows"][0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-4)
+    assert json.loads(res.stdout)["models"][0]["compensation"]["tensors"] > 0
 
 
 def test_dry_run_plan_matches_real_output(tmp_path, tokenizer_dir, calib_file):
@@ -203,7 +209,7 @@ def test_uniform_head_count_llama_config_rejects_goes_flex(tmp_path, tokenizer_d
     """transformers' LlamaConfig refuses hidden_size % heads != 0 even with an explicit head_dim (6 of 8 heads
     at hidden 64, like 24 of 32 on Llama-2-7B): auto writes the flex format, --format stock says why."""
     el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 8)
-    args = ["extract", str(el), "--uniform", "mlp=0.5,heads=0.75", "-o", str(tmp_path / "sub")]
+    args = ["extract", str(el), "--uniform", "mlp=0.5,heads=0.75", "-o", str(tmp_path / "sub"), *PLAIN]
     res = runner.invoke(app, [*args, "--format", "stock"])
     assert res.exit_code == 2 and "transformers rejects" in res.stderr and "--format" in res.stderr
     assert not (tmp_path / "sub").exists()

@@ -253,6 +253,8 @@ def extract(
     gguf_type: Annotated[str, typer.Option("--gguf-type", help="gguf: WEIGHTS[/EMBED]. f32, f16, bf16 as written; q8_0, q6_k, q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, q4_0, q4_1, iq4_nl, iq4_xs, q3_k_l, q3_k_m, q3_k_s, q2_k by llama.cpp's quantizer; /EMBED sets the embedding and output tensors' type (e.g. q4_0/q4_0); auto: for each --budget in ms, the type (one llama.cpp table each) whose configuration has the lowest held-out loss in llama.cpp.")] = "f16",
     imatrix: Annotated[bool, typer.Option("--imatrix/--no-imatrix", help="gguf, quantized types: weigh the quantizer by the sub-model's importance matrix from the conversion's calibration text.")] = True,
     imatrix_tokens: Annotated[int, typer.Option("--imatrix-tokens", min=1, help="Calibration tokens for the importance matrix.")] = 8192,
+    compensate: Annotated[bool | None, typer.Option("--compensate/--no-compensate", help="Refit the kept columns of every narrowed down_proj / o_proj by damped least squares on the full model's activations over the conversion's calibration text (same shapes and format) [default: on when the model and its calibration moments fit comfortably in RAM].")] = None,
+    compensate_tokens: Annotated[int, typer.Option("--compensate-tokens", min=1, help="Calibration tokens for the compensation.")] = 16384,
     max_shard_size: MaxShardOpt = "5GB",
     verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help="Check logits against the elastic model (gguf: in llama.cpp, when llama-cpp-python is installed) and measure latency [default: on when the model fits comfortably in RAM].")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Plan only: configuration, shapes, shards and output size from the headers; write nothing.")] = False,
@@ -285,6 +287,8 @@ def eval_cmd(
     regime: Annotated[str | None, typer.Option("--regime")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1)] = 64,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 256,
+    compensate: Annotated[bool, typer.Option("--compensate/--no-compensate", help="Elastic checkpoints: each configuration as `flex extract` writes it, its narrowed projections refit on calibration text.")] = True,
+    compensate_tokens: Annotated[int, typer.Option("--compensate-tokens", min=1, help="Calibration tokens for the compensation.")] = 16384,
     as_json: JsonOpt = False,
 ) -> None:
     """Held-out perplexity of a model, or of an elastic checkpoint at budgets / configurations."""

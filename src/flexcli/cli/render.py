@@ -321,6 +321,14 @@ def extract_result(r) -> None:
                 else (", importance matrix" if m.imatrix else ", no importance matrix")
             )
             typer.echo(f"{m.output}: {m.bits_per_weight:.2f} bits per weight ({types}{fb}{im})")
+        if m.compensation:
+            c = m.compensation
+            typer.echo(
+                f"{m.output}: compensated: {c['tensors']} narrowed projections refit on {c['tokens']} tokens of "
+                f"{c['calibration_data']} ({c['seconds']:.0f} s)"
+            )
+        elif m.compensation_note and m.compensation_note != "--no-compensate":
+            typer.echo(f"{m.output}: not compensated: {m.compensation_note}")
         if m.verify_note:
             typer.echo(f"{m.output}: not verified: {m.verify_note}")
         elif m.ppl_ratio is not None:

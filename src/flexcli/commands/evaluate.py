@@ -10,6 +10,7 @@ import torch
 
 from .. import register_auto_classes
 from ..arch.spec import config_to_json
+from ..elastic import compensate
 from ..elastic.evaluate import mean_loss
 from ..elastic.runtime import load_elastic
 from ..errors import UsageError
@@ -29,6 +30,10 @@ class EvalOptions:
     regime: str | None = None
     samples: int = 64
     seq_len: int = 256
+    # elastic checkpoints: each configuration as `flex extract` writes it, its narrowed projections refit
+    # on `compensate_tokens` calibration tokens (elastic.compensate); False: the plain slice
+    compensate: bool = True
+    compensate_tokens: int = 16384
 
 
 @dataclass
@@ -40,6 +45,7 @@ class EvalRow:
     ppl: float
     config: list[dict[str, int]] | None
     method: str | None = None
+    compensated: bool | None = None  # its narrowed projections were refit (elastic configurations)
 
 
 @dataclass
@@ -99,13 +105,20 @@ def _elastic_rows(path: Path, o: EvalOptions, seqs: torch.Tensor, rep: Reporter)
         )
         targets = resolve_targets(path, el.spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
     count = param_counter(el.spec, src.config)
+    news = _refits(path, el, src, [t.cfg for t in targets], o, rep)
+    saved = {n: p.detach().clone() for n, p in el.model.named_parameters() if any(n in x for x in news)}
     rows = []
     with rep.task("evaluating", total=1 + len(targets)) as task:
-        for name, cfg, method in [("full", el.spec.full(), None)] + [
-            (t.label, t.cfg, t.method) for t in targets
-        ]:
+        for (name, cfg, method), new in zip(
+            [("full", el.spec.full(), None)] + [(t.label, t.cfg, t.method) for t in targets], [{}] + news
+        ):
+            compensate.apply(el.model, el.arch, el.spec, cfg, new)
             with el.configured(cfg):
                 loss = mean_loss(el.model, seqs)
+            with torch.no_grad():
+                for n, p in el.model.named_parameters():
+                    if n in new:
+                        p.copy_(saved[n])
             rows.append(
                 EvalRow(
                     name,
@@ -115,7 +128,21 @@ def _elastic_rows(path: Path, o: EvalOptions, seqs: torch.Tensor, rep: Reporter)
                     math.exp(loss),
                     config_to_json(cfg),
                     method,
+                    bool(new) if method is not None else None,
                 )
             )
             task.advance(1)
     return rows
+
+
+def _refits(path: Path, el, src: SourceModel, cfgs: list, o: EvalOptions, rep: Reporter) -> list[dict]:
+    """Each configuration's compensation, as `flex extract` computes it (none with --no-compensate)."""
+    from ..io.safetensors import ST_TO_TORCH
+    from ..train.data import calibration_sequences
+
+    if not o.compensate or not any(compensate.narrowed(el.spec, c) for c in cfgs):
+        return [{} for _ in cfgs]
+    seqs = calibration_sequences(path, o.compensate_tokens)
+    stored = {name: ST_TO_TORCH[dtype] for name, dtype, _ in src.tensor_specs()}
+    with rep.task(f"compensation: {seqs.numel()} calibration tokens", total=len(seqs)) as task:
+        return compensate.refit_all(el.model, el.arch, el.spec, cfgs, seqs, stored, task.advance)

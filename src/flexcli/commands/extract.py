@@ -22,6 +22,7 @@ from ..arch.spec import ElasticSpec, config_to_json
 from ..errors import UsageError
 from ..io import layout
 from ..io.atomic import atomic_dir, atomic_file, check_output
+from ..io.safetensors import ST_TO_TORCH
 from ..io.source import SourceModel
 from ..latency.table import LatencyTable
 from ..plan.search import Request, Target, optional_table, param_counter, resolve_targets
@@ -30,6 +31,7 @@ from ..router.store import load_router
 from ..runtimes.base import ArtifactOptions, Runtime, WriteJob, Written
 
 FORMATS = ("auto", "stock", "flex", "gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass(kw_only=True)
@@ -43,6 +45,10 @@ class ExtractOptions:
     )
     imatrix: bool = True  # gguf, quantized: the sub-model's importance matrix weighs the quantizer
     imatrix_tokens: int = 8192  # calibration tokens for the importance matrix
+    # refit narrowed output projections on calibration text (elastic.compensate); None: when the model
+    # and its calibration moments fit comfortably in RAM
+    compensate: bool | None = None
+    compensate_tokens: int = 16384
     max_shard_bytes: int = 5 * 10**9
     verify: bool | None = None  # None: when the model fits comfortably in RAM
     dry_run: bool = False  # plan only: shapes, shards and sizes from the headers
@@ -92,6 +98,8 @@ class SubModel:
     reference_drift: float | None = None  # reference_ms / the table's full model - 1
     measured_at_table_speed_ms: float | None = None  # measured, rescaled to the machine's speed at table time
     latency_note: str | None = None  # why the latency was not measured, when a table exists
+    compensation: dict | None = None  # the refit of narrowed output projections (elastic.compensate)
+    compensation_note: str | None = None  # why it was not applied, when it was asked for or defaulted
     candidates: list[dict] | None = (
         None  # --gguf-type auto: every type's configuration for the budget, scored
     )
@@ -140,6 +148,7 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
     outs = _outputs(elastic, o.output, targets, rt.suffix)
     res = ExtractResult(str(elastic))
     jobs = [_job(elastic, src, spec, t, table, art) for t in targets]
+    notes = [None] * len(jobs) if o.dry_run else compensate_jobs(elastic, src, spec, jobs, o, rep)
     if o.dry_run:  # shapes, shards and sizes from the headers alone; nothing is read or written
         res.models = [_record(t, out, rt.plan(j), table) for t, out, j in zip(targets, outs, jobs)]
         for m in res.models if rt.suffix else []:  # one file: the output itself
@@ -150,6 +159,8 @@ def extract(elastic: Path, options: ExtractOptions, reporter: Reporter | None = 
         res.models = [
             _write(rt, j, t, out, table, o.force, verify, rep) for t, out, j in zip(targets, outs, jobs)
         ]
+        for m, j, note in zip(res.models, jobs, notes):
+            m.compensation, m.compensation_note = j.provenance.get("compensation"), note
     res.seconds = round(time.time() - t0, 3 if o.dry_run else 2)
     return res
 
@@ -196,7 +207,7 @@ def _extract_auto(elastic: Path, o: ExtractOptions, rep: Reporter, t0: float) ->
     else:
         outs = [(o.output or Path.cwd() / f"{stem}-{_slug(req.budgets[0].text)}{rt.suffix}").resolve()]
     _check_outputs(outs, many=many, force=o.force, files=True)
-    from ..runtimes.imatrix import calibration_text
+    from ..train.data import calibration_text
 
     seqs = calibration_text(elastic, *AUTO_EVAL, "heldout")
     res = ExtractResult(str(elastic))
@@ -206,17 +217,21 @@ def _extract_auto(elastic: Path, o: ExtractOptions, rep: Reporter, t0: float) ->
         scratch = []
         try:
             with atomic_file(out, o.force) as tmp:
-                for i, (table, t) in enumerate(cands):
-                    f = sibling(out, f"cand{i}-{os.getpid()}")
-                    scratch.append(f)
+                jobs = []
+                for table, t in cands:
                     art = ArtifactOptions(fmt="gguf", gguf_type=table.regime.dtype, imatrix=o.imatrix,
                                           imatrix_tokens=o.imatrix_tokens)  # fmt: skip
-                    job = _job(elastic, src, spec, t, table, art)
+                    jobs.append(_job(elastic, src, spec, t, table, art))
+                notes = compensate_jobs(elastic, src, spec, jobs, o, rep)
+                for i, ((table, t), job, note) in enumerate(zip(cands, jobs, notes)):
+                    f = sibling(out, f"cand{i}-{os.getpid()}")
+                    scratch.append(f)
                     with rep.task(f"candidate {table.regime.dtype}: {t.label}"):
                         w = rt.write(job, f, True, rep)
                         for msg in w.warnings:
                             rep.warn(f"{out.name} ({table.regime.dtype} candidate): {msg}")
                         sm = _record(t, out, w, table)
+                        sm.compensation, sm.compensation_note = job.provenance.get("compensation"), note
                         measure_latency(elastic, table, sm, rep, f)
                         loss = math.log(llamacpp.perplexity(f, seqs))
                     scored.append((loss, sm, f))
@@ -302,10 +317,75 @@ def _check_outputs(outs: list[Path], many: bool, force: bool, files: bool = Fals
         base.mkdir(parents=True, exist_ok=True)
 
 
+def _ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _fits_in_ram(spec: ElasticSpec, config: dict) -> bool:
     """Verification loads the elastic model and the sub-model in fp32: do so below half the RAM."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return param_counter(spec, config)(spec.full()) * 4 * 3 < ram * 0.5
+    return param_counter(spec, config)(spec.full()) * 4 * 3 < _ram() * 0.5
+
+
+def compensate_jobs(
+    elastic: Path, src: SourceModel, spec: ElasticSpec, jobs: list[WriteJob], o: ExtractOptions, rep: Reporter
+) -> list[str | None]:
+    """Refit every job's narrowed output projections (elastic.compensate) from one pass of the
+    conversion's calibration text through the full model: the refit tensors go into `job.overrides`, what
+    was done into its provenance; returns, per job, why it was not compensated (None: it was, or it
+    narrows nothing)."""
+    from ..elastic import compensate
+    from ..elastic.runtime import load_elastic
+    from ..train.data import calibration_sequences
+
+    if o.compensate is False:
+        return ["--no-compensate"] * len(jobs)
+    wanted = set().union(*(compensate.narrowed(spec, j.cfg) for j in jobs))
+    if not wanted:
+        return [None] * len(jobs)
+    moments_bytes = sum(_cols(spec, unit) ** 2 * 8 for _, unit in wanted)  # G in fp64 per projection
+    model_bytes = param_counter(spec, src.config)(spec.full()) * 4
+    note = None
+    if not any((elastic / f).is_file() for f in TOKENIZER_FILES):
+        note = "skipped: the checkpoint has no tokenizer to read its calibration text with"
+    elif (model_bytes + moments_bytes) * 2 > _ram() * 0.5:
+        note = (
+            f"skipped: the fp32 model and its calibration moments ({(model_bytes + moments_bytes) / 2**30:.1f} GiB) "
+            "do not fit comfortably in RAM (--compensate forces it)"
+        )
+    if note is not None and o.compensate is None:
+        rep.warn(f"compensation {note}")
+        return [note] * len(jobs)
+    seqs = calibration_sequences(elastic, o.compensate_tokens)
+    el = load_elastic(elastic)
+    t0 = time.time()
+    stored = {name: ST_TO_TORCH[dtype] for name, dtype, _ in src.tensor_specs()}
+    with rep.task(
+        f"compensation: {len(wanted)} narrowed projections, {seqs.numel()} calibration tokens",
+        total=len(seqs),
+    ) as task:
+        news = compensate.refit_all(
+            el.model, el.arch, spec, [j.cfg for j in jobs], seqs, stored, task.advance
+        )
+    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
+    for j, new in zip(jobs, news):
+        j.overrides = new
+        if new:
+            j.provenance["compensation"] = {
+                "method": "damped least-squares refit of the narrowed down_proj / o_proj columns on the full "
+                "model's calibration activations",
+                "tensors": len(new),
+                "calibration_data": cal.get("data") or "stdlib",
+                "tokens": int(seqs.numel()),
+                "damping": compensate.DAMPING,
+                "seconds": round(time.time() - t0, 2),
+            }
+    return [None] * len(jobs)
+
+
+def _cols(spec: ElasticSpec, unit: str) -> int:
+    """Input columns of the output projection that loses `unit`: the MLP width, or heads x head_dim."""
+    d = spec.dims
+    return d.intermediate_size if unit == "neuron" else d.num_heads * d.head_dim
 
 
 def _job(

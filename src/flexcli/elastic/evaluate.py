@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,20 @@ from torch import nn
 from ..arch.spec import Config
 from ..device import autocast_dtype
 from .runtime import ElasticModel
+
+
+def run_batches(
+    model: nn.Module, seqs: torch.Tensor, batch_size: int = 4, on_batch: Callable[[int], None] | None = None
+) -> int:
+    """Forward (n, seq_len) token sequences through `model` in inference mode, for the hooks it carries
+    (calibration statistics); returns the tokens run."""
+    with torch.inference_mode():
+        for b in range(0, seqs.shape[0], batch_size):
+            x = seqs[b : b + batch_size]
+            model(input_ids=x, use_cache=False)
+            if on_batch:
+                on_batch(x.shape[0])
+    return seqs.numel()
 
 
 def mean_loss(model: nn.Module, seqs: torch.Tensor, batch_size: int = 8, precision: str = "auto") -> float:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..arch.family import Architecture
 from ..arch.spec import Config, ElasticSpec, unit_rows
-from ..io.safetensors import TensorSpec
+from ..io.safetensors import ST_TO_TORCH, TensorSpec
 from ..io.source import SourceModel
 
 
@@ -93,12 +93,20 @@ def planned_specs(src: SourceModel, spec: ElasticSpec, cfg: Config) -> list[Tens
     return out
 
 
-def stream_sliced(src: SourceModel, spec: ElasticSpec, cfg: Config) -> Iterator[tuple[str, torch.Tensor]]:
+def stream_sliced(
+    src: SourceModel, spec: ElasticSpec, cfg: Config, overrides: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the sub-model in stored order, read lazily: prefix slices through safetensors'
-    get_slice, so only the kept bytes are read."""
+    get_slice, so only the kept bytes are read. `overrides` replaces sliced tensors by name (the
+    compensated output projections of elastic.compensate, already of the sliced shape)."""
+    overrides = overrides or {}
     for f in src.weight_files:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
+                if name in overrides:
+                    stored = ST_TO_TORCH[st.get_slice(name).get_dtype()]
+                    yield name, overrides[name].to(stored).contiguous()
+                    continue
                 hit = src.arch.locate(name)
                 if hit is None:
                     yield name, st.get_tensor(name)

@@ -49,6 +49,7 @@ TORCH_TO_ST = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TensorSpec = tuple[str, str, list[int]]  # (name, safetensors dtype, shape)

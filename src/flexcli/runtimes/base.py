@@ -51,6 +51,21 @@ class WriteJob:
     label: str  # names the model inside the artefact
     provenance: dict[str, Any]  # recorded in the artefact (source, config, method, budget, ...)
     options: ArtifactOptions
+    # HF weight name -> a sliced tensor written instead of the plain slice (elastic.compensate's refit
+    # output projections); the artefact is verified against the elastic model with these written in
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def reference(self):
+        """The elastic model at this job's configuration, as the artefact must compute it (the loaded
+        ElasticModel, its weights overridden in place)."""
+        from ..elastic import compensate
+        from ..elastic.runtime import load_elastic
+
+        el = load_elastic(self.elastic)
+        if self.overrides:
+            compensate.apply(el.model, el.arch, el.spec, self.cfg, self.overrides)
+        el.set_config(self.cfg)
+        return el
 
 
 @dataclass

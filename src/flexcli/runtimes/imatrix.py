@@ -10,6 +10,7 @@ dictionary goes to runtimes.quant.quantize as it is.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 
 from ..arch.spec import Config
+from ..elastic.evaluate import run_batches
+from ..train.data import calibration_sequences
 
 IMATRIX_TOKENS = 8192  # calibration tokens per sub-model (llama-imatrix's default is ~50k; CPU cost)
-MAX_SEQ = 512
 
 
 def collect(
@@ -28,7 +30,6 @@ def collect(
     """GGUF name -> (in_features,) mean squared input of each nn.Linear whose weight `names` maps
     (HF parameter name -> GGUF name), over the (n, seq_len) token sequences `seqs`."""
     sums: dict[str, torch.Tensor] = {}
-    count = [0]
     hooks = []
     for mod_name, mod in model.named_modules():
         g = names.get(f"{mod_name}.weight")
@@ -42,15 +43,11 @@ def collect(
 
         hooks.append(mod.register_forward_pre_hook(hook))
     try:
-        with torch.inference_mode():
-            for b in range(0, seqs.shape[0], batch_size):
-                x = seqs[b : b + batch_size]
-                model(input_ids=x, use_cache=False)
-                count[0] += x.numel()
+        n = run_batches(model, seqs, batch_size)
     finally:
         for h in hooks:
             h.remove()
-    return {g: (s / count[0]).float().numpy() for g, s in sums.items()}
+    return {g: (s / n).float().numpy() for g, s in sums.items()}
 
 
 def gguf_names(plan_tensors, tied: bool) -> dict[str, str]:
@@ -60,29 +57,6 @@ def gguf_names(plan_tensors, tied: bool) -> dict[str, str]:
         names["lm_head.weight"] = "token_embd.weight"
     names.pop("model.embed_tokens.weight", None)  # a row lookup, not a product: llama.cpp keeps no entry
     return names
-
-
-def calibration_text(elastic: Path, n: int, seq_len: int, split: str) -> torch.Tensor:
-    """(n, seq_len) sequences of the checkpoint's own calibration text (its recipe's calibration.data,
-    default stdlib), from `split` ("train" or "heldout")."""
-    from transformers import AutoTokenizer
-
-    from ..io import layout
-    from ..train.data import load_sequences
-
-    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
-    tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
-    return load_sequences(tok, cal.get("data") or "stdlib", n, seq_len, split)
-
-
-def calibration_sequences(elastic: Path, tokens: int = IMATRIX_TOKENS) -> torch.Tensor:
-    """About `tokens` tokens of the calibration text's train split, at the recipe's sequence length
-    (at most MAX_SEQ)."""
-    from ..io import layout
-
-    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
-    seq_len = min(int(cal.get("seq_len") or MAX_SEQ), MAX_SEQ)
-    return calibration_text(elastic, max(1, tokens // seq_len), seq_len, "train")
 
 
 _CACHE: dict[tuple, dict[str, np.ndarray]] = {}  # one process extracting a configuration at several types
@@ -95,17 +69,34 @@ def _weights_key(elastic: Path) -> tuple:
     return tuple((f.stat().st_ino, f.stat().st_mtime_ns) for f in SourceModel.open(elastic).weight_files)
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha1()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def sub_model_imatrix(
-    elastic: Path, cfg: Config, plan_tensors, tied: bool, tokens: int = IMATRIX_TOKENS
+    elastic: Path,
+    cfg: Config,
+    plan_tensors,
+    tied: bool,
+    tokens: int = IMATRIX_TOKENS,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The importance matrix of ELASTIC at `cfg`, named for the GGUF file `plan_tensors` describes
-    (computed once per process for the same weights, configuration and tokens)."""
+    """The importance matrix of ELASTIC at `cfg` (with the compensated weights `overrides` written in,
+    elastic.compensate), named for the GGUF file `plan_tensors` describes (computed once per process for
+    the same weights, configuration, compensation and tokens)."""
+    from ..elastic import compensate
     from ..elastic.runtime import load_elastic
 
-    key = (_weights_key(elastic), tuple(map(tuple, cfg)), tokens, tied)
+    key = (_weights_key(elastic), tuple(map(tuple, cfg)), tokens, tied, _digest(overrides or {}))
     if key not in _CACHE:
         seqs = calibration_sequences(elastic, tokens)
         el = load_elastic(elastic)
+        if overrides:
+            compensate.apply(el.model, el.arch, el.spec, cfg, overrides)
         with el.configured(cfg):
             _CACHE[key] = collect(el.model, seqs, gguf_names(plan_tensors, tied))
         while len(_CACHE) > 32:

@@ -173,7 +173,8 @@ def write_file(
     first = t.weights if not t.quantized else quant.intermediate(_checkpoint_dtypes(src))
     plan = _plan(src, spec, cfg, first, keep)
     mid = path if not t.quantized else path.with_name(path.name + f".{first}")
-    stream = ((k, x) for k, x in stream_sliced(src, spec, _whole(spec, cfg)) if keep is None or keep(k))
+    sliced = stream_sliced(src, spec, _whole(spec, cfg), job.overrides)
+    stream = ((k, x) for k, x in sliced if keep is None or keep(k))
     params = write_gguf(
         mid, plan, stream, src.config, spec, cfg, first, job.elastic, job.label, job.provenance
     )
@@ -186,7 +187,9 @@ def write_file(
         if imatrix == "sub-model":
             from .imatrix import sub_model_imatrix
 
-            im = sub_model_imatrix(job.elastic, cfg, plan.tensors, tied, job.options.imatrix_tokens)
+            im = sub_model_imatrix(
+                job.elastic, cfg, plan.tensors, tied, job.options.imatrix_tokens, job.overrides
+            )
         elif imatrix == "uniform":
             from .imatrix import gguf_names
 
@@ -275,7 +278,7 @@ class LlamaCppRuntime:
                 if (why := missing()) is not None:
                     out.fields["verify_note"] = why
                 else:
-                    out.fields.update(verify_gguf(job.elastic, tmp, mid, job.spec, job.cfg, t, rep))
+                    out.fields.update(verify_gguf(job, tmp, mid, t, rep))
                     out.fields["verified_in"] = version()
         finally:
             if mid is not None:
@@ -311,15 +314,10 @@ def block_check(spec: ElasticSpec, cfg: Config, t: quant.GGUFType) -> dict[str, 
 
 
 def verify_gguf(
-    elastic: Path,
-    gguf: Path,
-    mid: Path | None,
-    spec: ElasticSpec,
-    cfg: Config,
-    t: quant.GGUFType,
-    rep: Reporter,
+    job: WriteJob, gguf: Path, mid: Path | None, t: quant.GGUFType, rep: Reporter
 ) -> dict[str, Any]:
-    """Run the file in llama.cpp on held-out stdlib text against the elastic model at `cfg`.
+    """Run the file in llama.cpp on held-out stdlib text against the elastic model at the job's
+    configuration (its compensated weights written in).
 
     Plain types: top-1 agreement and max relative logit error; f32 / f16 below MIN_AGREEMENT fail. A
     quantized file: its 16-bit source `mid` is checked that way first, then the quantized file is
@@ -327,15 +325,13 @@ def verify_gguf(
     type, not a failure."""
     from transformers import AutoTokenizer
 
-    from ..elastic.runtime import load_elastic
     from ..train.data import load_sequences
 
     with rep.task("verifying in llama.cpp"), torch.no_grad():
-        tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(job.elastic, local_files_only=True)
         seqs = load_sequences(tok, "stdlib", *VERIFY_SHAPE, "heldout")  # (4, 128)
-        el = load_elastic(elastic)
-        with el.configured(cfg):
-            want = el(input_ids=seqs).logits.float().numpy()  # (4, 128, vocab)
+        el = job.reference()
+        want = el(input_ids=seqs).logits.float().numpy()  # (4, 128, vocab)
         del el
         ref = gguf if mid is None else mid
         got = _logits(ref, seqs)

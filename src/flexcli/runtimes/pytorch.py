@@ -151,7 +151,7 @@ class TorchRuntime:
         write_model(
             tmp,
             planned_specs(src, spec, cfg),
-            counted(stream_sliced(src, spec, cfg)),
+            counted(stream_sliced(src, spec, cfg, job.overrides)),
             job.options.max_shard_bytes,
         )
         layout.write_json(tmp / "config.json", hf_cfg)
@@ -168,7 +168,7 @@ class TorchRuntime:
         layout.write_json(tmp / layout.EXTRACT, {**job.provenance, "format": kind, "params": written[0]})
         out = Written(kind, written[0])
         if verify:  # before the commit: a sub-model that fails verification is never left behind
-            out.fields["verified_max_rel_err"] = verify_submodel(job.elastic, tmp, spec, cfg, rep)
+            out.fields["verified_max_rel_err"] = verify_submodel(job, tmp, rep)
             out.fields["verified_in"] = "transformers"
         return out
 
@@ -185,20 +185,19 @@ class TorchRuntime:
         return o if device_name(torch.device(r.device)) == r.device_name else None
 
 
-def verify_submodel(elastic: Path, sub: Path, spec: ElasticSpec, cfg: Config, rep: Reporter) -> float:
-    """Max relative logit error of the extracted model vs the elastic model at `cfg` on the same batch."""
+def verify_submodel(job: WriteJob, sub: Path, rep: Reporter) -> float:
+    """Max relative logit error of the extracted model vs the elastic model at the job's configuration
+    (its compensated weights written in) on the same batch."""
     from transformers import AutoModelForCausalLM
 
     from ..arch.hf_modeling import register  # imports transformers: only when verifying
-    from ..elastic.runtime import load_elastic
 
     register()
     with rep.task("verifying against the elastic model"), torch.no_grad():
-        el = load_elastic(elastic)
+        el = job.reference()
         model = AutoModelForCausalLM.from_pretrained(sub, dtype=torch.float32, local_files_only=True).eval()
-        x = torch.randint(0, spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-        with el.configured(cfg):
-            want = el(input_ids=x).logits
+        x = torch.randint(0, job.spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+        want = el(input_ids=x).logits
         got = model(input_ids=x).logits
         err = ((got - want).abs().max() / want.abs().max()).item()
     if err > MAX_REL_ERR:

@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def docstrings(source: str) -> str:
     """The docstrings of one Python file (module, classes, functions, in source order), blank-line
     separated; "" when it has none or does not parse."""
     try:
-        tree = ast.parse(source)
+        with warnings.catch_warnings():  # old files' invalid escapes warn; their docstrings are fine
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
     except (SyntaxError, ValueError):
         return ""
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
@@ -242,3 +245,25 @@ def train_and_heldout(
     cut = max(seq_len + 1, int(tokens.numel() * 0.95))
     heldout = tokens[cut:].long()
     return tokens[:cut], pack(heldout, seq_len, heldout_seqs, f"{source} (held-out last 5%)")
+
+
+def calibration_text(elastic: Path, n: int, seq_len: int, split: str) -> torch.Tensor:
+    """(n, seq_len) sequences of the checkpoint's own calibration text (its recipe's calibration.data,
+    default stdlib), from `split` ("train" or "heldout")."""
+    from transformers import AutoTokenizer
+
+    from ..io import layout
+
+    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
+    tok = AutoTokenizer.from_pretrained(elastic, local_files_only=True)
+    return load_sequences(tok, cal.get("data") or "stdlib", n, seq_len, split)
+
+
+def calibration_sequences(elastic: Path, tokens: int, max_seq: int = 512) -> torch.Tensor:
+    """About `tokens` tokens of the calibration text's train split, at the recipe's sequence length
+    (at most `max_seq`)."""
+    from ..io import layout
+
+    cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
+    seq_len = min(int(cal.get("seq_len") or max_seq), max_seq)
+    return calibration_text(elastic, max(1, tokens // seq_len), seq_len, "train")

@@ -1,0 +1,149 @@
+"""Compensation at extraction (elastic.compensate): the damped least-squares refit of narrowed output
+projections, checked against an independent least-squares solve, and end to end through `flex extract`
+(the file holds the refit, is verified against the refit reference, and says so in its JSON)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import rel_err, small_elastic
+from typer.testing import CliRunner
+
+from flexcli.arch.spec import config_from_json
+from flexcli.cli import app
+from flexcli.elastic import compensate
+
+runner = CliRunner()
+
+
+def _data(n=400, d=12, out=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ mix  # correlated inputs (tokens, d)
+    w = torch.randn(out, d, generator=g, dtype=torch.float64)
+    return x, w, x.T @ x / n
+
+
+@pytest.mark.parametrize("keep", [torch.arange(7), torch.tensor([0, 3, 4, 8, 9, 11])])
+def test_refit_is_the_damped_least_squares_solution(keep):
+    """The closed form equals lstsq on the stacked system [X_K; sqrt(lam) I] V^T = [X W^T; sqrt(lam) W_K^T],
+    for a prefix (MLP neurons, whole KV groups) and an index set (query heads inside groups)."""
+    x, w, g = _data()
+    damping = 0.05
+    got = compensate.refit(w, g, keep, damping)
+    n = x.shape[0]
+    lam = damping * g[keep][:, keep].diagonal().mean()
+    a = torch.cat([x[:, keep] / n**0.5, lam.sqrt() * torch.eye(len(keep), dtype=x.dtype)])
+    b = torch.cat([x @ w.T / n**0.5, lam.sqrt() * w[:, keep].T])
+    want = torch.linalg.lstsq(a, b).solution.T
+    assert torch.allclose(got, want, atol=1e-8, rtol=1e-6)
+
+    def err(v):  # the data term: what the sub-model's projection loses on the calibration activations
+        return ((x @ w.T - x[:, keep] @ v.T) ** 2).mean()
+
+    assert err(got) < 0.9 * err(w[:, keep])  # correlated inputs: the kept columns take over a real part
+    assert torch.allclose(compensate.refit(w, g, keep, 1e6), w[:, keep], atol=1e-3)  # damping -> plain slice
+
+
+def test_nothing_to_refit_at_full_width(tmp_path, tokenizer_dir, calib_file):
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
+    full = spec.full()
+    assert compensate.narrowed(spec, full) == {}
+    cfg = [full[0], (spec.layers[1].mlp[-1], full[1][1]), (full[2][0], spec.layers[2].heads[-1])]
+    assert set(compensate.narrowed(spec, cfg)) == {(1, "neuron"), (2, "qhead")}
+
+
+def _extract(el, tmp_path, name, *extra):
+    res = runner.invoke(
+        app,
+        ["extract", str(el), "--uniform", "mlp=0.5,heads=0.5", "-o", str(tmp_path / name), "--json", *extra],
+    )
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)["models"][0]
+
+
+def _hf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("gqa", ["group", "query"])
+def test_extract_writes_the_refit_and_verifies_against_it(tmp_path, tokenizer_dir, calib_file, gqa):
+    """Compensated: down_proj / o_proj of narrowed layers hold the refit (computed here independently from
+    the calibration moments), everything else is the plain slice, logits match the elastic model with the
+    refit written in, and calibration-text loss drops. --no-compensate writes the plain slice."""
+    from flexcli.elastic.runtime import load_elastic
+    from flexcli.elastic.slicing import slice_tensor
+    from flexcli.train.data import calibration_sequences
+
+    if gqa == "query":
+        import yaml
+
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(yaml.safe_dump({"elastic": {"gqa": "query"}}))
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
+    if gqa == "query":  # the same model, converted with heads dropped inside every group
+        from flexcli.commands.convert import ConvertOptions, convert
+
+        el = convert(
+            str(tmp_path / "src"),
+            ConvertOptions(
+                calib=str(calib_file),
+                calib_samples=2,
+                seq_len=32,
+                device="cpu",
+                output=tmp_path / "elq",
+                recipe=str(recipe),
+            ),  # fmt: skip
+        ).output
+    m = _extract(el, tmp_path, "comp", "--compensate-tokens", "2048")
+    plain = _extract(el, tmp_path, "plain", "--no-compensate")
+    cfg = config_from_json(m["config"])
+    assert m["compensation"]["tensors"] == len(compensate.narrowed(spec, cfg)) > 0
+    assert m["compensation"]["tokens"] == 2048 and m["verified_max_rel_err"] <= 1e-5
+    assert plain["compensation"] is None and plain["compensation_note"] == "--no-compensate"
+
+    e = load_elastic(el)
+    seqs = calibration_sequences(el, 2048)
+    g = compensate.moments(e.model, e.arch, seqs, set(compensate.narrowed(e.spec, cfg)))
+    state = dict(e.model.state_dict())
+    sub, flat = _hf(tmp_path / "comp").state_dict(), _hf(tmp_path / "plain").state_dict()
+    for name, t in sub.items():
+        ref = slice_tensor(name, state[name], e.arch, e.spec, cfg)
+        assert torch.equal(flat[name], ref)  # --no-compensate: the plain slice
+        hit = e.arch.locate(name)
+        key = (hit[0], hit[1]) if hit else None
+        if key in g and name == compensate.weight_name(e.arch, *key):
+            keep = compensate.narrowed(e.spec, cfg)[key]
+            assert torch.allclose(t, compensate.refit(state[name], g[key], keep).float(), atol=1e-5)
+            assert not torch.allclose(t, ref)
+        else:
+            assert torch.equal(t, ref)
+    names = [compensate.weight_name(e.arch, *k) for k in compensate.narrowed(e.spec, cfg)]
+    compensate.apply(e.model, e.arch, e.spec, cfg, {n: sub[n] for n in names})
+    x = torch.randint(0, e.spec.dims.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), e.configured(cfg):
+        assert rel_err(_hf(tmp_path / "comp")(input_ids=x).logits, e(input_ids=x).logits) <= 1e-5
+    # what each narrowed projection loses on the calibration activations, E||W x - V x_K||^2 =
+    # tr(D G D^T) with D = W minus V in the kept columns: lower with the refit than with the plain slice
+    for key, keep in compensate.narrowed(e.spec, cfg).items():
+        name = compensate.weight_name(e.arch, *key)
+
+        def lost(v, w=state[name].double(), keep=keep, gk=g[key]):
+            d = w.clone()
+            d[:, keep] -= v.double()
+            return torch.trace(d @ gk @ d.T)
+
+        assert lost(sub[name]) < lost(flat[name])
+
+
+def test_compensation_skipped_when_it_would_not_fit(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    import flexcli.commands.extract as ex
+
+    el, _, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
+    monkeypatch.setattr(ex, "_ram", lambda: 1 << 20)
+    m = _extract(el, tmp_path, "sub", "--no-verify")
+    assert m["compensation"] is None and "do not fit comfortably in RAM" in m["compensation_note"]
