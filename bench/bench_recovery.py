@@ -12,12 +12,14 @@ uses it: what `flex extract` writes, which its verification holds to 1e-4 (stock
 (llama.cpp f16).
 
 Levers (one at a time against the baseline, then combined):
-  baseline        prune-only, the static router's configurations, plain slices
+  baseline        prune-only, the static router's configurations (trained on plain slices), plain slices
   compensation    the same configurations, narrowed down_proj / o_proj refit at extraction (default)
   comp-mixed      compensation on stdlib + docstrings (code and prose) instead of the recipe's code
   greedy          the greedy search's configurations (importance share per ms) instead of the router's
   mixed-calib     importance ranking, router and compensation all on stdlib + docstrings (a second
                   conversion)
+  comp-router     the static router trained judging every configuration compensated (train-router
+                  --compensate), compensated at extraction
 
 Stages are cached in WORK/stages/*.json; --resume skips finished ones.
 """
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, flex, heldout_text, smollm2_cache, smollm2_gguf  # noqa: E402
+from common import ROOT, flex, heldout_text, private_copy, smollm2_cache, smollm2_gguf  # noqa: E402
 
 BUDGETS = ("60%", "75%", "90%")
 EVAL = (8, 256)  # held-out sequences x tokens per corpus
@@ -65,12 +67,12 @@ def _profile(el: Path, a, work: Path) -> dict:
     raise SystemExit("the latency table was refused three times: the machine is too noisy")
 
 
-def _router(el: Path, regime: str, work: Path) -> float:
-    """Train the static router at BUDGETS; its wall seconds (on this 2-core machine, its CPU time)."""
+def _router(el: Path, regime: str, work: Path, compensate: bool = False) -> float:
+    """Train the static router at BUDGETS, judging configurations plain or compensated; its wall seconds
+    (on this 2-core machine, its CPU time)."""
     t0 = time.time()
-    flex(
-        "train-router", str(el), "--regime", regime, "--no-dynamic", "--budgets", ",".join(BUDGETS), cwd=work
-    )
+    flex("train-router", str(el), "--regime", regime, "--no-dynamic", "--budgets", ",".join(BUDGETS),
+         "--compensate" if compensate else "--no-compensate", cwd=work)  # fmt: skip
     return time.time() - t0
 
 
@@ -177,8 +179,21 @@ def run(a) -> dict:
     routers = stage(
         "routers", lambda: {"code": _router(code_el, regime, work), "mixed": _router(mixed_el, regime, work)}
     )
+    comp_el = work / "code-comp-elastic"  # the code checkpoint's weights (hard links), its own router
+
+    def comp_router():
+        private_copy(code_el, comp_el)
+        shutil.copy(code_el / TABLE_FILE, comp_el / TABLE_FILE)
+        return {
+            "code-comp": _router(comp_el, regime, work, compensate=True),
+            "configs": _configs(comp_el, regime, True),
+        }
+
+    comp = stage("comp-router", comp_router)
+    routers["code-comp"] = comp["code-comp"]
     cfgs = stage("configs", lambda: {"router": _configs(code_el, regime, True), "greedy": _configs(code_el, regime, False),
                                      "mixed-router": _configs(mixed_el, regime, True)})  # fmt: skip
+    cfgs["comp-router"] = comp["configs"]
     levers = {
         "baseline": ("code", "router", None),
         "compensation": ("code", "router", CODE),
@@ -187,6 +202,7 @@ def run(a) -> dict:
         "greedy+compensation": ("code", "greedy", CODE),
         "mixed-calib": ("mixed", "mixed-router", None),
         "mixed-calib+comp-mixed": ("mixed", "mixed-router", MIXED),
+        "comp-router": ("code", "comp-router", CODE),
     }
 
     def evaluate():

@@ -147,3 +147,36 @@ def test_compensation_skipped_when_it_would_not_fit(tmp_path, tokenizer_dir, cal
     monkeypatch.setattr(ex, "_ram", lambda: 1 << 20)
     m = _extract(el, tmp_path, "sub", "--no-verify")
     assert m["compensation"] is None and "do not fit comfortably in RAM" in m["compensation_note"]
+
+
+def test_router_oracle_judges_configurations_compensated_and_restores(tmp_path, tokenizer_dir, calib_file):
+    """The router's loss oracle with a Bank: a configuration's loss is that of the refit sub-model (the
+    same refit extract computes), the weights are restored after each look, and refits are cached per
+    layer and width."""
+    from flexcli.elastic.evaluate import mean_loss
+    from flexcli.elastic.runtime import load_elastic
+    from flexcli.router.surrogate import LossOracle
+    from flexcli.train.data import calibration_sequences
+
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
+    e = load_elastic(el)
+    seqs = calibration_sequences(el, 2048)
+    every = {(i, u) for i in range(spec.dims.num_layers) for u in compensate.UNITS}
+    bank = compensate.Bank(e.model, e.arch, e.spec, compensate.moments(e.model, e.arch, seqs, every))
+    before = {n: p.detach().clone() for n, p in e.model.named_parameters()}
+    batches = seqs[:4]
+    oracle, plain = LossOracle(e, batches, bank), LossOracle(e, batches)
+    cfg = spec.uniform(0.5, 0.5)
+    got = oracle(cfg)
+    assert all(torch.equal(p, before[n]) for n, p in e.model.named_parameters())  # restored
+    assert oracle(spec.full()) == plain(spec.full())  # nothing to refit at full width
+    f = load_elastic(el)  # an independent reference: extract's overrides written into a fresh model
+    new = compensate.refit_all(f.model, f.arch, f.spec, [cfg], seqs)[0]
+    compensate.apply(f.model, f.arch, f.spec, cfg, new)
+    with f.configured(cfg):
+        assert got == pytest.approx(mean_loss(f.model, batches), rel=1e-6)
+    assert got != plain(cfg)
+    mixed = [cfg[0], spec.full()[1], cfg[2]]
+    oracle(mixed)
+    narrowed = sum(1 for m, _ in cfg if m != spec.dims.intermediate_size)
+    assert len(bank._refits) == 2 * narrowed  # layers 0 and 2 reuse their refits

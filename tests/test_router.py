@@ -228,9 +228,17 @@ def test_train_router_cli_end_to_end(tmp_path, tokenizer_dir, calib_file, monkey
         "dynamic_mean_latency_ms",
     } <= set(doc["budgets"][0])
     assert "sm_spearman" in doc
+    assert doc["compensated"] is False  # plain slices unless --compensate
     full = doc["budgets"][-1]
     assert [c["mlp"] for c in full["config"]] == [mlp[0]] * 2  # 100% is the full model exactly
     assert (tmp_path / "el" / "flex_routers.safetensors").exists()
+    comp = runner.invoke(
+        app,
+        ["train-router", el, "--budgets", "50%", "--no-dynamic", "--steps", "5", "--sm-warmup", "8",
+         "--seq-len", "32", "--data", str(calib_file), "--compensate", "--json"],
+    )  # fmt: skip
+    assert comp.exit_code == 0, comp.stderr
+    assert json.loads(comp.stdout)["compensated"] is True  # as extract writes them (test_compensate)
     low = runner.invoke(app, ["train-router", el, "--budgets", "0.001ms"])
     assert low.exit_code == 3 and "smallest" in low.stderr
     bad = runner.invoke(app, ["train-router", el, "--budgets", "40"])

@@ -207,6 +207,8 @@ def train_router_cmd(
     surrogate: Annotated[bool, typer.Option("--surrogate/--no-surrogate", help="Train the static router through the surrogate model (default) or directly on the LM loss (ablation).")] = True,
     regime: RegimeOpt = None,
     data: Annotated[str | None, typer.Option("--data", help="Text for router training and evaluation [default: the conversion's].")] = None,
+    compensate: Annotated[bool, typer.Option("--compensate/--no-compensate", help="Judge every configuration as `flex extract` writes it, narrowed projections refit on calibration text (static router and report).")] = False,
+    compensate_tokens: Annotated[int, typer.Option("--compensate-tokens", min=1, help="Calibration tokens for the compensation.")] = 16384,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 4,
     seq_len: Annotated[int, typer.Option("--seq-len", min=8)] = 128,
     seed: Annotated[int, typer.Option("--seed")] = 0,

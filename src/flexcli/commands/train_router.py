@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..arch.spec import config_to_json
+from ..elastic.compensate import Bank
 from ..elastic.evaluate import mean_loss
 from ..elastic.runtime import ElasticModel, load_elastic
 from ..errors import UsageError
@@ -52,6 +53,11 @@ class TrainRouterOptions:
     regime: str | None = None  # latency-table regime key (or a unique part of it); None: the newest
     data: str | None = None  # text for training and evaluation; None: the conversion's
     eval_samples: int = 32
+    # the static router and the report judge each configuration as `flex extract` writes it, refit output
+    # projections included (elastic.compensate). Off by default: on SmolLM2 (make bench-recovery) a router
+    # trained this way was no better than one trained on plain slices, once both were compensated
+    compensate: bool = False
+    compensate_tokens: int = 16384
 
 
 @dataclass
@@ -83,6 +89,7 @@ class TrainRouterResult:
     joint: dict[str, Any] | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    compensated: bool = False  # configurations judged with extract's compensation
 
 
 @dataclass
@@ -95,6 +102,8 @@ class _Run:
     tokens: torch.Tensor  # training stream
     heldout: torch.Tensor  # (n, seq_len)
     hyper: RouterHyper
+    bank: Bank | None = None  # compensation refits, when configurations are judged compensated
+    note: str | None = None  # why they are not, when compensation was left out
 
 
 @dataclass
@@ -148,6 +157,7 @@ def train_router(
     oracle = LossOracle(
         run.elastic,
         torch.cat([sample_batch(run.tokens, h.batch_size, h.seq_len, g) for _ in range(h.loss_batches)]),
+        run.bank,
     )
     rng = random.Random(h.seed)
     sm = warm_up_surrogate(spec, oracle, h.sm_warmup, h.sm_lr, rng, g, rep)
@@ -184,6 +194,9 @@ def train_router(
         result,
         weights_changed=joint_stats is not None,
     )
+    result.compensated = run.bank is not None
+    if run.note:
+        result.notes.append(run.note)
     if dropped:
         msg = f"joint fine-tuning changed the weights: the routers of {', '.join(dropped)} were removed"
         rep.warn(msg)
@@ -212,7 +225,27 @@ def _prepare(path: Path, o: TrainRouterOptions) -> tuple[_Run, list[tuple[str, f
     )
     need = max(200_000, (h.steps + h.dynamic_steps + h.joint_steps) * h.batch_size * h.seq_len)
     tokens, heldout = train_and_heldout(tok, src, need, o.eval_samples, h.seq_len)
-    return _Run(elastic, table, targets, tokens, heldout, h), budget_ms
+    bank, note = _bank(path, elastic, o)
+    return _Run(elastic, table, targets, tokens, heldout, h, bank, note), budget_ms
+
+
+def _bank(path: Path, el: ElasticModel, o: TrainRouterOptions) -> tuple[Bank | None, str | None]:
+    """Extract's compensation for every configuration the router looks at: the full model's moments of
+    every output projection (one calibration pass), refits computed once per layer and width."""
+    from ..elastic import compensate
+    from ..io.safetensors import ST_TO_TORCH
+    from ..io.source import SourceModel
+    from ..train.data import calibration_sequences
+
+    if not o.compensate:
+        return None, None
+    if not o.static:
+        return None, "--compensate judges the static router's configurations; no static router was trained"
+    seqs = calibration_sequences(path, o.compensate_tokens)
+    every = {(i, u) for i in range(el.spec.dims.num_layers) for u in compensate.UNITS}
+    g = compensate.moments(el.model, el.arch, seqs, every)
+    stored = {name: ST_TO_TORCH[dt] for name, dt, _ in SourceModel.open(path).tensor_specs()}
+    return compensate.Bank(el.model, el.arch, el.spec, g, stored=stored), None
 
 
 def _train_routers(run: _Run, o: TrainRouterOptions, oracle: LossOracle, sm: SMState, rep: Reporter):
@@ -238,7 +271,7 @@ def _report(
     """Held-out perplexity per budget: the router's choice, the best uniform configuration at its LUT
     latency, and input-adaptive routing."""
     spec, table, full = run.elastic.spec, run.table, run.table.full_ms()
-    held_loss = LossOracle(run.elastic, run.heldout)  # cached held-out loss per configuration
+    held_loss = LossOracle(run.elastic, run.heldout, run.bank)  # cached held-out loss per configuration
     reports = []
     with rep.task("held-out evaluation per budget", total=len(budget_ms)) as task:
         for text, ms in budget_ms:

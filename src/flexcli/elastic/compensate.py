@@ -19,7 +19,8 @@ Measured on SmolLM2-135M prune-only (docs/RESULTS-real.md): uniform 75% (MLP 115
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -92,17 +93,59 @@ def weight_name(arch: Architecture, layer: int, unit: str) -> str:
     return f"{arch.layers}.{layer}.{arch.tap(unit)}.weight"
 
 
+class Bank:
+    """The refits of one model from its moments `g`, each computed once per (layer, unit, width) and kept
+    (rounded to the checkpoint's `stored` dtypes when given): a configuration's compensation is then a
+    lookup, for the router's oracle, which asks for hundreds of configurations."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: Architecture,
+        spec: ElasticSpec,
+        g: Moments,
+        damping: float = DAMPING,
+        stored: dict[str, torch.dtype] | None = None,
+    ):
+        self.model, self.arch, self.spec, self.g = model, arch, spec, g
+        self.damping, self.stored = damping, stored
+        self.params = dict(model.named_parameters())
+        self._refits: dict[tuple[int, str, int], torch.Tensor] = {}
+        self._orig: dict[str, torch.Tensor] = {}
+
+    def overrides(self, cfg: Config) -> dict[str, torch.Tensor]:
+        """HF weight name -> the refit sliced weight (out, k) of every output projection `cfg` narrows."""
+        out = {}
+        for (i, unit), keep in narrowed(self.spec, cfg).items():
+            name = weight_name(self.arch, i, unit)
+            key = (i, unit, cfg[i][0] if unit == "neuron" else cfg[i][1])
+            if key not in self._refits:
+                w = self._orig.get(name, self.params[name].detach())
+                v = refit(w, self.g[(i, unit)], keep, self.damping)
+                self._refits[key] = v.to(self.stored[name]) if self.stored else v
+            out[name] = self._refits[key]
+        return out
+
+    @contextmanager
+    def applied(self, cfg: Config) -> Iterator[None]:
+        """The model with `cfg`'s refit columns written in, restored afterwards."""
+        new = self.overrides(cfg)
+        for name in new:
+            self._orig.setdefault(name, self.params[name].detach().clone())
+        apply(self.model, self.arch, self.spec, cfg, new)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name in new:
+                    self.params[name].copy_(self._orig[name])
+
+
 def overrides(
     model: nn.Module, arch: Architecture, spec: ElasticSpec, cfg: Config, g: Moments, damping: float = DAMPING
 ) -> dict[str, torch.Tensor]:
     """HF weight name -> the refit sliced weight (out, k) of every output projection `cfg` narrows."""
-    params = dict(model.named_parameters())
-    return {
-        weight_name(arch, i, unit): refit(
-            params[weight_name(arch, i, unit)].detach(), g[(i, unit)], keep, damping
-        )
-        for (i, unit), keep in narrowed(spec, cfg).items()
-    }
+    return Bank(model, arch, spec, g, damping).overrides(cfg)
 
 
 def refit_all(
@@ -118,11 +161,8 @@ def refit_all(
     checkpoint's `stored` dtypes (so a reference built with `apply` holds exactly what a file holds)."""
     wanted = set().union(*(narrowed(spec, c) for c in cfgs))
     g = moments(model, arch, seqs, wanted, on_batch=on_batch) if wanted else {}
-    out = []
-    for c in cfgs:
-        new = overrides(model, arch, spec, c, g)
-        out.append({k: v.to(stored[k]) if stored else v for k, v in new.items()})
-    return out
+    bank = Bank(model, arch, spec, g, stored=stored)
+    return [bank.overrides(c) for c in cfgs]
 
 
 @torch.no_grad()

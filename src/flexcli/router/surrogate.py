@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..arch.spec import Config, ElasticSpec
+from ..elastic.compensate import Bank
 from ..elastic.evaluate import mean_loss
 from ..elastic.runtime import ElasticModel
 from ..progress import Reporter
@@ -44,15 +46,17 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 class LossOracle:
-    """A configuration's LM loss on fixed batches, cached (the LLM is frozen during SM/router stages)."""
+    """A configuration's LM loss on fixed batches, cached (the LLM is frozen during SM/router stages);
+    with `bank` (elastic.compensate.Bank), of the configuration as `flex extract` writes it, refit
+    output projections included."""
 
-    def __init__(self, elastic: ElasticModel, batches: torch.Tensor):
-        self.elastic, self.batches, self.cache = elastic, batches, {}
+    def __init__(self, elastic: ElasticModel, batches: torch.Tensor, bank: Bank | None = None):
+        self.elastic, self.batches, self.bank, self.cache = elastic, batches, bank, {}
 
     def __call__(self, cfg: Config) -> float:
         key = tuple(cfg)
         if key not in self.cache:
-            with self.elastic.configured(cfg):
+            with self.bank.applied(cfg) if self.bank else nullcontext(), self.elastic.configured(cfg):
                 self.cache[key] = mean_loss(self.elastic.model, self.batches)
         return self.cache[key]
 
