@@ -18,6 +18,8 @@ Levers (one at a time against the baseline, then combined):
   greedy          the greedy search's configurations (importance share per ms) instead of the router's
   mixed-calib     importance ranking, router and compensation all on stdlib + docstrings (a second
                   conversion)
+  trained         the code conversion with --train-tokens of elastic training (distillation), the
+                  baseline router's configurations (same permutation), plain and compensated
   comp-router     the static router trained judging every configuration compensated (train-router
                   --compensate), compensated at extraction
 
@@ -52,6 +54,20 @@ def _convert(gguf: Path, el: Path, data: str, work: Path) -> Path:
         recipe.write_text(f"calibration: {{data: {data}, samples: 64, seq_len: 256}}\n")
         flex("convert", str(gguf), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
     return el
+
+
+def _trained(gguf: Path, el: Path, tokens: int, work: Path) -> dict:
+    """The code conversion (same ranking and permutation) with `tokens` of elastic training (the
+    recipe's defaults: distillation from the full model, per-layer random widths); its training report."""
+    recipe = work / f"{el.name}.yaml"
+    recipe.write_text(
+        "stages: [permute, train]\n"
+        "calibration: {data: stdlib, samples: 64, seq_len: 256}\n"
+        f"train: {{tokens: {tokens}, data: stdlib, seq_len: 256, batch_size: 8, checkpoint_every: 0}}\n"
+    )
+    doc = flex("convert", str(gguf), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
+    t = doc.get("training") or {}
+    return {"path": str(el), **{k: t.get(k) for k in ("tokens", "tokens_per_s", "seconds", "steps")}}
 
 
 def _profile(el: Path, a, work: Path) -> dict:
@@ -173,6 +189,7 @@ def run(a) -> dict:
     mixed_el = work / "mixed-elastic"
     conv = stage("convert", lambda: {"code": str(_convert(gguf, code_el, CODE, work)),
                                      "mixed": str(_convert(gguf, mixed_el, MIXED, work))})  # fmt: skip
+    trained = stage("train", lambda: _trained(gguf, work / "trained-elastic", a.train_tokens, work))
     prof = stage("profile", lambda: _profile(code_el, a, work))
     regime = prof["regime"]
     shutil.copy(code_el / TABLE_FILE, mixed_el / TABLE_FILE)  # shapes are the same: so is the table
@@ -203,12 +220,14 @@ def run(a) -> dict:
         "mixed-calib": ("mixed", "mixed-router", None),
         "mixed-calib+comp-mixed": ("mixed", "mixed-router", MIXED),
         "comp-router": ("code", "comp-router", CODE),
+        "trained": ("trained", "router", None),
+        "trained+compensation": ("trained", "router", CODE),
     }
 
     def evaluate():
         rows, full = {}, {}
-        for which in ("code", "mixed"):
-            ev = Evaluator(Path(conv[which]))
+        for which in ("code", "mixed", "trained"):
+            ev = Evaluator(Path(conv[which] if which != "trained" else trained["path"]))
             full[which], _ = ev.ppl(ev.el.spec.full(), None, a.tokens)
             for name, (w, how, comp) in levers.items():
                 if w != which:
@@ -236,6 +255,7 @@ def run(a) -> dict:
         "compensation_tokens": a.tokens,
         "router_seconds": routers,
         "convert_seconds": conv.get("seconds"),
+        "training": {**trained, "convert_seconds": trained.get("seconds")},
         "full": ev["full"],
         "levers": ev["levers"],
         "levers_described": {
@@ -271,7 +291,9 @@ def table_lines(res: dict) -> list[str]:
         f"(full {res['table']['full_ms']:.2f} ms, smallest sub-network {res['table']['smallest_ms']:.2f} ms). "
         f"Held-out perplexity, code / prose, {res['eval']['sequences']} x {res['eval']['tokens']} tokens each; "
         f"full model {full['code']:.2f} / {full['prose']:.2f}. Compensation: {res['compensation_tokens']} "
-        "calibration tokens. No training in any row.",
+        "calibration tokens. No training in any row but `trained` "
+        f"({(res.get('training') or {}).get('tokens')} tokens of elastic training at "
+        f"{(res.get('training') or {}).get('tokens_per_s')} tokens/s).",
         "",
         "| lever | " + " | ".join(f"{b}: ppl code / prose (x full)" for b in res["budgets"]) + " | CPU s |",
         "|---|" + "---|" * (len(res["budgets"]) + 1),
@@ -286,12 +308,16 @@ def table_lines(res: dict) -> list[str]:
                 f"{p['code']:.1f} / {p['prose']:.1f} ({p['code'] / f['code']:.2f}x / {p['prose'] / f['prose']:.2f}x)"
             )
         secs = max(per[b]["compensation_s"] for b in res["budgets"])
+        if ck == "trained":  # the elastic training it took
+            t = res["training"]
+            secs += t["tokens"] / t["tokens_per_s"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} |")
     lines += [
         "",
-        "CPU s: the compensation's calibration pass and solves (0: none). The static routers took "
+        "CPU s: the compensation's calibration pass and solves, plus for `trained` its elastic training (the "
+        "static routers, conversions and the training's own held-out report not counted). The static routers took "
         + ", ".join(f"{k} {v:.0f} s" for k, v in res["router_seconds"].items() if k != "seconds")
-        + "; every lever but mixed-calib shares the code checkpoint's.",
+        + "; configurations are the code checkpoint's router's except in the greedy, mixed-calib and comp-router rows.",
     ]
     return lines
 
@@ -302,6 +328,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=16384, help="compensation calibration tokens")
+    ap.add_argument(
+        "--train-tokens", type=int, default=20480, help="elastic training tokens of the trained lever"
+    )
     ap.add_argument("--resume", action="store_true", help="skip stages already finished in --work")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
