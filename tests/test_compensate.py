@@ -180,3 +180,20 @@ def test_router_oracle_judges_configurations_compensated_and_restores(tmp_path, 
     oracle(mixed)
     narrowed = sum(1 for m, _ in cfg if m != spec.dims.intermediate_size)
     assert len(bank._refits) == 2 * narrowed  # layers 0 and 2 reuse their refits
+
+
+def test_eval_evaluates_plain_slices_when_moments_would_not_fit(
+    tmp_path, tokenizer_dir, calib_file, monkeypatch
+):
+    import flexcli.commands.evaluate as ev
+
+    el, _, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
+    args = ["eval", str(el), "--uniform", "mlp=0.5,heads=0.5", "--data", str(calib_file), "--samples", "2",
+            "--seq-len", "32", "--json"]  # fmt: skip
+    rows = json.loads(runner.invoke(app, args).stdout)["rows"]
+    monkeypatch.setattr(ev, "_ram", lambda: 1 << 20)
+    small = runner.invoke(app, args)
+    assert small.exit_code == 0 and "do not fit comfortably in RAM" in small.stderr
+    plain = json.loads(runner.invoke(app, [*args, "--no-compensate"]).stdout)["rows"]
+    assert rows[1]["compensated"] is True and json.loads(small.stdout)["rows"][1]["compensated"] is False
+    assert json.loads(small.stdout)["rows"][1]["ppl"] == plain[1]["ppl"] != rows[1]["ppl"]

@@ -140,9 +140,23 @@ def _refits(path: Path, el, src: SourceModel, cfgs: list, o: EvalOptions, rep: R
     from ..io.safetensors import ST_TO_TORCH
     from ..train.data import calibration_sequences
 
-    if not o.compensate or not any(compensate.narrowed(el.spec, c) for c in cfgs):
+    wanted = set().union(*(compensate.narrowed(el.spec, c) for c in cfgs))
+    if not o.compensate or not wanted:
+        return [{} for _ in cfgs]
+    need = compensate.moments_bytes(el.spec, wanted)
+    if need > _ram() * 0.25:
+        rep.warn(
+            f"configurations evaluated as plain slices: compensation's moments ({need / 2**30:.1f} GiB) do not "
+            "fit comfortably in RAM (rows say compensated: false)"
+        )
         return [{} for _ in cfgs]
     seqs = calibration_sequences(path, o.compensate_tokens)
     stored = {name: ST_TO_TORCH[dtype] for name, dtype, _ in src.tensor_specs()}
     with rep.task(f"compensation: {seqs.numel()} calibration tokens", total=len(seqs)) as task:
         return compensate.refit_all(el.model, el.arch, el.spec, cfgs, seqs, stored, task.advance)
+
+
+def _ram() -> int:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

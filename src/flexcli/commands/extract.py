@@ -342,7 +342,7 @@ def compensate_jobs(
     wanted = set().union(*(compensate.narrowed(spec, j.cfg) for j in jobs))
     if not wanted:
         return [None] * len(jobs)
-    moments_bytes = sum(_cols(spec, unit) ** 2 * 8 for _, unit in wanted)  # G in fp64 per projection
+    moments_bytes = compensate.moments_bytes(spec, wanted)
     model_bytes = param_counter(spec, src.config)(spec.full()) * 4
     note = None
     if not any((elastic / f).is_file() for f in TOKENIZER_FILES):
@@ -380,12 +380,6 @@ def compensate_jobs(
                 "seconds": round(time.time() - t0, 2),
             }
     return [None] * len(jobs)
-
-
-def _cols(spec: ElasticSpec, unit: str) -> int:
-    """Input columns of the output projection that loses `unit`: the MLP width, or heads x head_dim."""
-    d = spec.dims
-    return d.intermediate_size if unit == "neuron" else d.num_heads * d.head_dim
 
 
 def _job(

@@ -65,6 +65,13 @@ def moments(
     return {k: g / n for k, g in sums.items()}
 
 
+def moments_bytes(spec: ElasticSpec, wanted: set[tuple[int, str]]) -> int:
+    """Memory of `moments` for `wanted`: one (n, n) fp64 matrix per projection (n: its input columns)."""
+    d = spec.dims
+    cols = {"neuron": d.intermediate_size, "qhead": d.num_heads * d.head_dim}
+    return sum(cols[unit] ** 2 * 8 for _, unit in wanted)
+
+
 def refit(w: torch.Tensor, g: torch.Tensor, keep: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """W'_K for the weight `w` (out, n) narrowed to the columns `keep`, from the input moments `g` (n, n);
     returned in `w`'s dtype."""
