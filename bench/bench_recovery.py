@@ -19,7 +19,8 @@ Levers (one at a time against the baseline, then combined):
   mixed-calib     importance ranking, router and compensation all on stdlib + docstrings (a second
                   conversion)
   trained         the code conversion with --train-tokens of elastic training (distillation), the
-                  baseline router's configurations (same permutation), plain and compensated
+                  baseline router's configurations (same permutation), plain and compensated; -pfull0
+                  without full-width steps, -sandwich with full + smallest + random every micro-batch
   comp-router     the static router trained judging every configuration compensated (train-router
                   --compensate), compensated at extraction
 
@@ -56,14 +57,23 @@ def _convert(gguf: Path, el: Path, data: str, work: Path) -> Path:
     return el
 
 
-def _trained(gguf: Path, el: Path, tokens: int, work: Path) -> dict:
-    """The code conversion (same ranking and permutation) with `tokens` of elastic training (the
-    recipe's defaults: distillation from the full model, per-layer random widths); its training report."""
+# trained levers: recipe train keys over the defaults (distillation from the full model, per-layer random
+# widths, the full model in a third of the micro-batches)
+TRAINED = {
+    "trained": "",
+    "trained-pfull0": ", p_full: 0.0",  # no full-width steps: their distillation loss starts at zero
+    "trained-sandwich": ", sandwich: true",  # full + smallest + one random sub-network every micro-batch
+}
+
+
+def _trained(gguf: Path, el: Path, tokens: int, extra: str, work: Path) -> dict:
+    """The code conversion (same ranking and permutation) with `tokens` of elastic training (the recipe's
+    defaults, then `extra` train keys); its training report."""
     recipe = work / f"{el.name}.yaml"
     recipe.write_text(
         "stages: [permute, train]\n"
         "calibration: {data: stdlib, samples: 64, seq_len: 256}\n"
-        f"train: {{tokens: {tokens}, data: stdlib, seq_len: 256, batch_size: 8, checkpoint_every: 0}}\n"
+        f"train: {{tokens: {tokens}, data: stdlib, seq_len: 256, batch_size: 8, checkpoint_every: 0{extra}}}\n"
     )
     doc = flex("convert", str(gguf), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
     t = doc.get("training") or {}
@@ -189,7 +199,15 @@ def run(a) -> dict:
     mixed_el = work / "mixed-elastic"
     conv = stage("convert", lambda: {"code": str(_convert(gguf, code_el, CODE, work)),
                                      "mixed": str(_convert(gguf, mixed_el, MIXED, work))})  # fmt: skip
-    trained = stage("train", lambda: _trained(gguf, work / "trained-elastic", a.train_tokens, work))
+    trained = {
+        name: stage(
+            "train" if name == "trained" else f"train-{name.removeprefix('trained-')}",
+            lambda name=name, extra=extra: _trained(
+                gguf, work / f"{name}-elastic", a.train_tokens, extra, work
+            ),
+        )
+        for name, extra in TRAINED.items()
+    }
     prof = stage("profile", lambda: _profile(code_el, a, work))
     regime = prof["regime"]
     shutil.copy(code_el / TABLE_FILE, mixed_el / TABLE_FILE)  # shapes are the same: so is the table
@@ -222,12 +240,14 @@ def run(a) -> dict:
         "comp-router": ("code", "comp-router", CODE),
         "trained": ("trained", "router", None),
         "trained+compensation": ("trained", "router", CODE),
+        "trained-pfull0+compensation": ("trained-pfull0", "router", CODE),
+        "trained-sandwich+compensation": ("trained-sandwich", "router", CODE),
     }
 
     def evaluate():
         rows, full = {}, {}
-        for which in ("code", "mixed", "trained"):
-            ev = Evaluator(Path(conv[which] if which != "trained" else trained["path"]))
+        for which in ("code", "mixed", *TRAINED):
+            ev = Evaluator(Path(conv[which] if which in conv else trained[which]["path"]))
             full[which], _ = ev.ppl(ev.el.spec.full(), None, a.tokens)
             for name, (w, how, comp) in levers.items():
                 if w != which:
@@ -255,7 +275,7 @@ def run(a) -> dict:
         "compensation_tokens": a.tokens,
         "router_seconds": routers,
         "convert_seconds": conv.get("seconds"),
-        "training": {**trained, "convert_seconds": trained.get("seconds")},
+        "training": {k: {**v, "convert_seconds": v.get("seconds")} for k, v in trained.items()},
         "full": ev["full"],
         "levers": ev["levers"],
         "levers_described": {
@@ -291,9 +311,11 @@ def table_lines(res: dict) -> list[str]:
         f"(full {res['table']['full_ms']:.2f} ms, smallest sub-network {res['table']['smallest_ms']:.2f} ms). "
         f"Held-out perplexity, code / prose, {res['eval']['sequences']} x {res['eval']['tokens']} tokens each; "
         f"full model {full['code']:.2f} / {full['prose']:.2f}. Compensation: {res['compensation_tokens']} "
-        "calibration tokens. No training in any row but `trained` "
-        f"({(res.get('training') or {}).get('tokens')} tokens of elastic training at "
-        f"{(res.get('training') or {}).get('tokens_per_s')} tokens/s).",
+        "calibration tokens. No training in any row but the `trained` ones ("
+        + "; ".join(
+            f"{k}: {v['tokens']} tokens at {v['tokens_per_s']} tokens/s" for k, v in res["training"].items()
+        )
+        + ").",
         "",
         "| lever | " + " | ".join(f"{b}: ppl code / prose (x full)" for b in res["budgets"]) + " | CPU s |",
         "|---|" + "---|" * (len(res["budgets"]) + 1),
@@ -308,13 +330,13 @@ def table_lines(res: dict) -> list[str]:
                 f"{p['code']:.1f} / {p['prose']:.1f} ({p['code'] / f['code']:.2f}x / {p['prose'] / f['prose']:.2f}x)"
             )
         secs = max(per[b]["compensation_s"] for b in res["budgets"])
-        if ck == "trained":  # the elastic training it took
-            t = res["training"]
+        if ck in res["training"]:  # the elastic training it took
+            t = res["training"][ck]
             secs += t["tokens"] / t["tokens_per_s"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} |")
     lines += [
         "",
-        "CPU s: the compensation's calibration pass and solves, plus for `trained` its elastic training (the "
+        "CPU s: the compensation's calibration pass and solves, plus for `trained` rows their elastic training (the "
         "static routers, conversions and the training's own held-out report not counted). The static routers took "
         + ", ".join(f"{k} {v:.0f} s" for k, v in res["router_seconds"].items() if k != "seconds")
         + "; configurations are the code checkpoint's router's except in the greedy, mixed-calib and comp-router rows.",
