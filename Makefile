@@ -78,8 +78,9 @@ bench-pareto: install-llamacpp
 	$(BIN)/python bench/bench_pareto.py $(BENCH_PARETO_ARGS)
 
 # What recovers SmolLM2 sub-models at 60/75/90% of the full model's llama.cpp f16 decode latency, lever by
-# lever with its CPU seconds (compensation at extraction, allocation, calibration text; no training yet)
+# lever with its CPU seconds (compensation at extraction, allocation, calibration text, short training runs)
 # -> docs/results/recovery.{md,json}. Work and cache in $$FLEX_CACHE/recovery; --resume reuses stages.
+# The committed run took 39 min on 2 cores (BENCH_RECOVERY_ARGS=--resume to re-render or add levers).
 bench-recovery: install-llamacpp
 	$(BIN)/python bench/bench_recovery.py $(BENCH_RECOVERY_ARGS)
 
