@@ -347,7 +347,7 @@ def compensate_jobs(
     note = None
     if not any((elastic / f).is_file() for f in TOKENIZER_FILES):
         note = "skipped: the checkpoint has no tokenizer to read its calibration text with"
-    elif (model_bytes + moments_bytes) * 2 > _ram() * 0.5:
+    elif model_bytes + moments_bytes > _ram() * 0.5:
         note = (
             f"skipped: the fp32 model and its calibration moments ({(model_bytes + moments_bytes) / 2**30:.1f} GiB) "
             "do not fit comfortably in RAM (--compensate forces it)"
