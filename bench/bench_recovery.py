@@ -35,6 +35,7 @@ import math
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,6 @@ class Evaluator:
         self.el = load_elastic(el)
         self.tok = AutoTokenizer.from_pretrained(el, local_files_only=True)
         self.held = heldout_text(self.tok, *EVAL)
-        self.saved = {n: p.detach().clone() for n, p in self.el.model.named_parameters()}
         self.moments: dict[str, Any] = {}
 
     def _moments(self, data: str, tokens: int) -> tuple[dict, float]:
@@ -161,20 +161,17 @@ class Evaluator:
         from flexcli.elastic.evaluate import mean_loss
 
         cfg = [tuple(x) for x in cfg]
-        secs = 0.0
+        secs, bank = 0.0, None
         if comp is not None:
             g, secs = self._moments(comp, tokens)
+            bank = compensate.Bank(
+                self.el.model, self.el.arch, self.el.spec, g
+            )  # fresh: every solve is timed
             t = time.time()
-            new = compensate.overrides(self.el.model, self.el.arch, self.el.spec, cfg, g)
-            compensate.apply(self.el.model, self.el.arch, self.el.spec, cfg, new)
+            bank.overrides(cfg)
             secs += time.time() - t
-        try:
-            with self.el.configured(cfg):
-                out = {k: round(math.exp(mean_loss(self.el.model, v)), 3) for k, v in self.held.items()}
-        finally:
-            with torch.no_grad():
-                for n, p in self.el.model.named_parameters():
-                    p.copy_(self.saved[n])
+        with bank.applied(cfg) if bank else nullcontext(), self.el.configured(cfg):
+            out = {k: round(math.exp(mean_loss(self.el.model, v)), 3) for k, v in self.held.items()}
         return out, secs
 
 

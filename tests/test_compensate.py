@@ -144,7 +144,7 @@ def test_compensation_skipped_when_it_would_not_fit(tmp_path, tokenizer_dir, cal
     import flexcli.commands.extract as ex
 
     el, _, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
-    monkeypatch.setattr(ex, "_ram", lambda: 1 << 20)
+    monkeypatch.setattr(ex, "ram_bytes", lambda: 1 << 20)
     m = _extract(el, tmp_path, "sub", "--no-verify")
     assert m["compensation"] is None and "do not fit comfortably in RAM" in m["compensation_note"]
 
@@ -171,7 +171,9 @@ def test_router_oracle_judges_configurations_compensated_and_restores(tmp_path, 
     assert all(torch.equal(p, before[n]) for n, p in e.model.named_parameters())  # restored
     assert oracle(spec.full()) == plain(spec.full())  # nothing to refit at full width
     f = load_elastic(el)  # an independent reference: extract's overrides written into a fresh model
-    new = compensate.refit_all(f.model, f.arch, f.spec, [cfg], seqs)[0]
+    new = compensate.calibrated_bank(
+        f.model, f.arch, f.spec, seqs, set(compensate.narrowed(f.spec, cfg))
+    ).overrides(cfg)
     compensate.apply(f.model, f.arch, f.spec, cfg, new)
     with f.configured(cfg):
         assert got == pytest.approx(mean_loss(f.model, batches), rel=1e-6)
@@ -191,7 +193,7 @@ def test_eval_evaluates_plain_slices_when_moments_would_not_fit(
     args = ["eval", str(el), "--uniform", "mlp=0.5,heads=0.5", "--data", str(calib_file), "--samples", "2",
             "--seq-len", "32", "--json"]  # fmt: skip
     rows = json.loads(runner.invoke(app, args).stdout)["rows"]
-    monkeypatch.setattr(ev, "_ram", lambda: 1 << 20)
+    monkeypatch.setattr(ev, "ram_bytes", lambda: 1 << 20)
     small = runner.invoke(app, args)
     assert small.exit_code == 0 and "do not fit comfortably in RAM" in small.stderr
     plain = json.loads(runner.invoke(app, [*args, "--no-compensate"]).stdout)["rows"]

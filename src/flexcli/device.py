@@ -1,4 +1,5 @@
-"""Devices: resolving --device, naming the hardware a latency table was measured on, fast-bf16 detection."""
+"""Devices: resolving --device, naming the hardware a latency table was measured on, fast-bf16 detection,
+the machine's memory."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import platform
 import torch
 
 from .errors import UsageError
+
+
+def ram_bytes() -> int:
+    """This machine's physical memory."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resolve_device(name: str) -> torch.device:

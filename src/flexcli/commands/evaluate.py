@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from .. import register_auto_classes
 from ..arch.spec import config_to_json
+from ..device import ram_bytes
 from ..elastic import compensate
 from ..elastic.evaluate import mean_loss
 from ..elastic.runtime import load_elastic
@@ -105,20 +107,14 @@ def _elastic_rows(path: Path, o: EvalOptions, seqs: torch.Tensor, rep: Reporter)
         )
         targets = resolve_targets(path, el.spec, src.config, o.request, table, router, rep)  # type: ignore[arg-type]
     count = param_counter(el.spec, src.config)
-    news = _refits(path, el, src, [t.cfg for t in targets], o, rep)
-    saved = {n: p.detach().clone() for n, p in el.model.named_parameters() if any(n in x for x in news)}
+    bank = _bank(path, el, src, [t.cfg for t in targets], o, rep)
     rows = []
     with rep.task("evaluating", total=1 + len(targets)) as task:
-        for (name, cfg, method), new in zip(
-            [("full", el.spec.full(), None)] + [(t.label, t.cfg, t.method) for t in targets], [{}] + news
-        ):
-            compensate.apply(el.model, el.arch, el.spec, cfg, new)
-            with el.configured(cfg):
+        for name, cfg, method in [("full", el.spec.full(), None)] + [
+            (t.label, t.cfg, t.method) for t in targets
+        ]:
+            with bank.applied(cfg) if bank else nullcontext(), el.configured(cfg):
                 loss = mean_loss(el.model, seqs)
-            with torch.no_grad():
-                for n, p in el.model.named_parameters():
-                    if n in new:
-                        p.copy_(saved[n])
             rows.append(
                 EvalRow(
                     name,
@@ -128,35 +124,32 @@ def _elastic_rows(path: Path, o: EvalOptions, seqs: torch.Tensor, rep: Reporter)
                     math.exp(loss),
                     config_to_json(cfg),
                     method,
-                    bool(new) if method is not None else None,
+                    bool(bank and compensate.narrowed(el.spec, cfg)) if method is not None else None,
                 )
             )
             task.advance(1)
     return rows
 
 
-def _refits(path: Path, el, src: SourceModel, cfgs: list, o: EvalOptions, rep: Reporter) -> list[dict]:
-    """Each configuration's compensation, as `flex extract` computes it (none with --no-compensate)."""
-    from ..io.safetensors import ST_TO_TORCH
+def _bank(
+    path: Path, el, src: SourceModel, cfgs: list, o: EvalOptions, rep: Reporter
+) -> compensate.Bank | None:
+    """The configurations' compensation, as `flex extract` computes it (None with --no-compensate or when
+    they narrow nothing)."""
     from ..train.data import calibration_sequences
 
     wanted = set().union(*(compensate.narrowed(el.spec, c) for c in cfgs))
     if not o.compensate or not wanted:
-        return [{} for _ in cfgs]
+        return None
     need = compensate.moments_bytes(el.spec, wanted)
-    if need > _ram() * 0.25:
+    if need > ram_bytes() * 0.25:
         rep.warn(
             f"configurations evaluated as plain slices: compensation's moments ({need / 2**30:.1f} GiB) do not "
             "fit comfortably in RAM (rows say compensated: false)"
         )
-        return [{} for _ in cfgs]
+        return None
     seqs = calibration_sequences(path, o.compensate_tokens)
-    stored = {name: ST_TO_TORCH[dtype] for name, dtype, _ in src.tensor_specs()}
     with rep.task(f"compensation: {seqs.numel()} calibration tokens", total=len(seqs)) as task:
-        return compensate.refit_all(el.model, el.arch, el.spec, cfgs, seqs, stored, task.advance)
-
-
-def _ram() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return compensate.calibrated_bank(
+            el.model, el.arch, el.spec, seqs, wanted, src.stored_dtypes(), task.advance
+        )

@@ -19,10 +19,10 @@ import torch
 
 from .. import runtimes
 from ..arch.spec import ElasticSpec, config_to_json
+from ..device import ram_bytes
 from ..errors import UsageError
 from ..io import layout
 from ..io.atomic import atomic_dir, atomic_file, check_output
-from ..io.safetensors import ST_TO_TORCH
 from ..io.source import SourceModel
 from ..latency.table import LatencyTable
 from ..plan.search import Request, Target, optional_table, param_counter, resolve_targets
@@ -317,13 +317,9 @@ def _check_outputs(outs: list[Path], many: bool, force: bool, files: bool = Fals
         base.mkdir(parents=True, exist_ok=True)
 
 
-def _ram() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def _fits_in_ram(spec: ElasticSpec, config: dict) -> bool:
     """Verification loads the elastic model and the sub-model in fp32: do so below half the RAM."""
-    return param_counter(spec, config)(spec.full()) * 4 * 3 < _ram() * 0.5
+    return param_counter(spec, config)(spec.full()) * 4 * 3 < ram_bytes() * 0.5
 
 
 def compensate_jobs(
@@ -347,7 +343,7 @@ def compensate_jobs(
     note = None
     if not any((elastic / f).is_file() for f in TOKENIZER_FILES):
         note = "skipped: the checkpoint has no tokenizer to read its calibration text with"
-    elif model_bytes + moments_bytes > _ram() * 0.5:
+    elif model_bytes + moments_bytes > ram_bytes() * 0.5:
         note = (
             f"skipped: the fp32 model and its calibration moments ({(model_bytes + moments_bytes) / 2**30:.1f} GiB) "
             "do not fit comfortably in RAM (--compensate forces it)"
@@ -358,22 +354,21 @@ def compensate_jobs(
     seqs = calibration_sequences(elastic, o.compensate_tokens)
     el = load_elastic(elastic)
     t0 = time.time()
-    stored = {name: ST_TO_TORCH[dtype] for name, dtype, _ in src.tensor_specs()}
     with rep.task(
         f"compensation: {len(wanted)} narrowed projections, {seqs.numel()} calibration tokens",
         total=len(seqs),
     ) as task:
-        news = compensate.refit_all(
-            el.model, el.arch, spec, [j.cfg for j in jobs], seqs, stored, task.advance
+        bank = compensate.calibrated_bank(
+            el.model, el.arch, spec, seqs, wanted, src.stored_dtypes(), task.advance
         )
     cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
-    for j, new in zip(jobs, news):
-        j.overrides = new
-        if new:
+    for j in jobs:
+        j.overrides = bank.overrides(j.cfg)
+        if j.overrides:
             j.provenance["compensation"] = {
                 "method": "damped least-squares refit of the narrowed down_proj / o_proj columns on the full "
                 "model's calibration activations",
-                "tensors": len(new),
+                "tensors": len(j.overrides),
                 "calibration_data": cal.get("data") or "stdlib",
                 "tokens": int(seqs.numel()),
                 "damping": compensate.DAMPING,

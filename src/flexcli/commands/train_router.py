@@ -233,7 +233,6 @@ def _bank(path: Path, el: ElasticModel, o: TrainRouterOptions) -> tuple[Bank | N
     """Extract's compensation for every configuration the router looks at: the full model's moments of
     every output projection (one calibration pass), refits computed once per layer and width."""
     from ..elastic import compensate
-    from ..io.safetensors import ST_TO_TORCH
     from ..io.source import SourceModel
     from ..train.data import calibration_sequences
 
@@ -243,9 +242,8 @@ def _bank(path: Path, el: ElasticModel, o: TrainRouterOptions) -> tuple[Bank | N
         return None, "--compensate judges the static router's configurations; no static router was trained"
     seqs = calibration_sequences(path, o.compensate_tokens)
     every = {(i, u) for i in range(el.spec.dims.num_layers) for u in compensate.UNITS}
-    g = compensate.moments(el.model, el.arch, seqs, every)
-    stored = {name: ST_TO_TORCH[dt] for name, dt, _ in SourceModel.open(path).tensor_specs()}
-    return compensate.Bank(el.model, el.arch, el.spec, g, stored=stored), None
+    stored = SourceModel.open(path).stored_dtypes()
+    return compensate.calibrated_bank(el.model, el.arch, el.spec, seqs, every, stored), None
 
 
 def _train_routers(run: _Run, o: TrainRouterOptions, oracle: LossOracle, sm: SMState, rep: Reporter):

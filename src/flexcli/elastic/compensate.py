@@ -148,28 +148,20 @@ class Bank:
                     self.params[name].copy_(self._orig[name])
 
 
-def overrides(
-    model: nn.Module, arch: Architecture, spec: ElasticSpec, cfg: Config, g: Moments, damping: float = DAMPING
-) -> dict[str, torch.Tensor]:
-    """HF weight name -> the refit sliced weight (out, k) of every output projection `cfg` narrows."""
-    return Bank(model, arch, spec, g, damping).overrides(cfg)
-
-
-def refit_all(
+def calibrated_bank(
     model: nn.Module,
     arch: Architecture,
     spec: ElasticSpec,
-    cfgs: list[Config],
     seqs: torch.Tensor,
+    wanted: set[tuple[int, str]],
     stored: dict[str, torch.dtype] | None = None,
     on_batch: Callable[[int], None] | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """`overrides` for each configuration from one calibration pass over `seqs`, rounded to the
-    checkpoint's `stored` dtypes (so a reference built with `apply` holds exactly what a file holds)."""
-    wanted = set().union(*(narrowed(spec, c) for c in cfgs))
+) -> Bank:
+    """A Bank for the (layer, unit) projections `wanted`, from one calibration pass over `seqs`; refits
+    rounded to the checkpoint's `stored` dtypes (so a reference built with `apply` holds exactly what a
+    file holds)."""
     g = moments(model, arch, seqs, wanted, on_batch=on_batch) if wanted else {}
-    bank = Bank(model, arch, spec, g, stored=stored)
-    return [bank.overrides(c) for c in cfgs]
+    return Bank(model, arch, spec, g, stored=stored)
 
 
 @torch.no_grad()

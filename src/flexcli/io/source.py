@@ -24,7 +24,7 @@ from ..arch.family import Architecture, LayerSizes, detect
 from ..errors import FlexError, UsageError
 from . import layout
 from .atomic import copy_files
-from .safetensors import INDEX, SINGLE, TORCH_TO_ST, TensorSpec, read_safetensors_header
+from .safetensors import INDEX, SINGLE, ST_TO_TORCH, TORCH_TO_ST, TensorSpec, read_safetensors_header
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -266,6 +266,10 @@ class SourceModel:
                     info = self.headers[f.name][name]
                     out.append((name, info["dtype"], list(info["shape"])))
         return out
+
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """Tensor name -> the torch dtype it is stored in."""
+        return {name: ST_TO_TORCH[dtype] for name, dtype, _ in self.tensor_specs()}
 
     def non_weight_files(self) -> list[Path]:
         """Tokenizer, generation config and everything else that is not weights or flexcli metadata."""
