@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-profile bench-router bench-extract bench-scale bench-pareto bench-recovery bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-step bench-profile bench-router bench-extract bench-scale bench-pareto bench-recovery bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ bench: install
 
 bench-train: install
 	$(BIN)/python bench/bench_train.py
+
+# The elastic training step (teacher + sub-network, the recipe's batch and loss) against plain transformers
+# training of the same sub-model and batch, SmolLM2-135M-shaped, timed in alternation
+# -> docs/results/train_step.{md,json}. About 12 minutes on 2 cores.
+bench-step: install
+	$(BIN)/python bench/bench_step.py $(BENCH_STEP_ARGS)
 
 bench-profile: install
 	$(BIN)/python bench/bench_profile.py

@@ -23,6 +23,9 @@ Levers (one at a time against the baseline, then combined):
                   without full-width steps, -sandwich with full + smallest + random every micro-batch
   comp-router     the static router trained judging every configuration compensated (train-router
                   --compensate), compensated at extraction
+  gqa-query       allocation: a conversion with `elastic.gqa: query` (every KV head kept, query heads
+                  dropped inside each group; its own latency table and router), plain and compensated
+  trained-lr*     the trained lever at peak learning rate 1e-4 and 1e-3 instead of the recipe's 3e-4
 
 Stages are cached in WORK/stages/*.json; --resume skips finished ones.
 """
@@ -50,10 +53,12 @@ CODE, MIXED = "stdlib", "stdlib+docstrings"
 TABLE_FILE = "flex_latency.json"
 
 
-def _convert(gguf: Path, el: Path, data: str, work: Path) -> Path:
+def _convert(gguf: Path, el: Path, data: str, work: Path, gqa: str = "group") -> Path:
     if not (el / "flex_elastic.json").exists():
         recipe = work / f"{el.name}.yaml"
-        recipe.write_text(f"calibration: {{data: {data}, samples: 64, seq_len: 256}}\n")
+        recipe.write_text(
+            f"calibration: {{data: {data}, samples: 64, seq_len: 256}}\nelastic: {{gqa: {gqa}}}\n"
+        )
         flex("convert", str(gguf), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
     return el
 
@@ -64,6 +69,8 @@ TRAINED = {
     "trained": "",
     "trained-pfull0": ", p_full: 0.0",  # no full-width steps: their distillation loss starts at zero
     "trained-sandwich": ", sandwich: true",  # full + smallest + one random sub-network every micro-batch
+    "trained-lr1e-4": ", lr: 1.0e-4",  # the recipe's peak learning rate is 3e-4
+    "trained-lr1e-3": ", lr: 1.0e-3",
 }
 
 
@@ -194,8 +201,10 @@ def run(a) -> dict:
     gguf = smollm2_gguf()
     code_el = work / "code-elastic"
     mixed_el = work / "mixed-elastic"
+    query_el = work / "query-elastic"
     conv = stage("convert", lambda: {"code": str(_convert(gguf, code_el, CODE, work)),
-                                     "mixed": str(_convert(gguf, mixed_el, MIXED, work))})  # fmt: skip
+                                     "mixed": str(_convert(gguf, mixed_el, MIXED, work)),
+                                     "query": str(_convert(gguf, query_el, CODE, work, "query"))})  # fmt: skip
     trained = {
         name: stage(
             "train" if name == "trained" else f"train-{name.removeprefix('trained-')}",
@@ -207,9 +216,16 @@ def run(a) -> dict:
     }
     prof = stage("profile", lambda: _profile(code_el, a, work))
     regime = prof["regime"]
+    # gqa: query keeps every KV head: other shapes, so its own table (the same regime)
+    qprof = stage("profile-query", lambda: _profile(query_el, a, work))
     shutil.copy(code_el / TABLE_FILE, mixed_el / TABLE_FILE)  # shapes are the same: so is the table
     routers = stage(
-        "routers", lambda: {"code": _router(code_el, regime, work), "mixed": _router(mixed_el, regime, work)}
+        "routers",
+        lambda: {
+            "code": _router(code_el, regime, work),
+            "mixed": _router(mixed_el, regime, work),
+            "query": _router(query_el, regime, work),
+        },
     )
     comp_el = work / "code-comp-elastic"  # the code checkpoint's weights (hard links), its own router
 
@@ -224,7 +240,8 @@ def run(a) -> dict:
     comp = stage("comp-router", comp_router)
     routers["code-comp"] = comp["code-comp"]
     cfgs = stage("configs", lambda: {"router": _configs(code_el, regime, True), "greedy": _configs(code_el, regime, False),
-                                     "mixed-router": _configs(mixed_el, regime, True)})  # fmt: skip
+                                     "mixed-router": _configs(mixed_el, regime, True),
+                                     "query-router": _configs(query_el, regime, True)})  # fmt: skip
     cfgs["comp-router"] = comp["configs"]
     levers = {
         "baseline": ("code", "router", None),
@@ -235,15 +252,19 @@ def run(a) -> dict:
         "mixed-calib": ("mixed", "mixed-router", None),
         "mixed-calib+comp-mixed": ("mixed", "mixed-router", MIXED),
         "comp-router": ("code", "comp-router", CODE),
+        "gqa-query": ("query", "query-router", None),
+        "gqa-query+compensation": ("query", "query-router", CODE),
         "trained": ("trained", "router", None),
         "trained+compensation": ("trained", "router", CODE),
         "trained-pfull0+compensation": ("trained-pfull0", "router", CODE),
         "trained-sandwich+compensation": ("trained-sandwich", "router", CODE),
+        "trained-lr1e-4+compensation": ("trained-lr1e-4", "router", CODE),
+        "trained-lr1e-3+compensation": ("trained-lr1e-3", "router", CODE),
     }
 
     def evaluate():
         rows, full = {}, {}
-        for which in ("code", "mixed", *TRAINED):
+        for which in ("code", "mixed", "query", *TRAINED):
             ev = Evaluator(Path(conv[which] if which in conv else trained[which]["path"]))
             full[which], _ = ev.ppl(ev.el.spec.full(), None, a.tokens)
             for name, (w, how, comp) in levers.items():
@@ -267,6 +288,7 @@ def run(a) -> dict:
         else str(gguf),
         "regime": regime,
         "table": {"full_ms": prof["full_ms"], "smallest_ms": prof["smallest_ms"]},
+        "table_query": {"full_ms": qprof["full_ms"], "smallest_ms": qprof["smallest_ms"]},
         "budgets": list(BUDGETS),
         "eval": {"sequences": EVAL[0], "tokens": EVAL[1]},
         "compensation_tokens": a.tokens,
@@ -336,8 +358,15 @@ def table_lines(res: dict) -> list[str]:
         "CPU s: the compensation's calibration pass and solves, plus for `trained` rows their elastic training (the "
         "static routers, conversions and the training's own held-out report not counted). The static routers took "
         + ", ".join(f"{k} {v:.0f} s" for k, v in res["router_seconds"].items() if k != "seconds")
-        + "; configurations are the code checkpoint's router's except in the greedy, mixed-calib and comp-router rows.",
+        + "; configurations are the code checkpoint's router's except in the greedy, mixed-calib, comp-router and "
+        "gqa-query rows.",
     ]
+    if "table_query" in res:
+        q = res["table_query"]
+        lines.append(
+            f"gqa-query's own table (every KV head kept): full {q['full_ms']:.2f} ms, smallest sub-network "
+            f"{q['smallest_ms']:.2f} ms; its budgets are the same shares of that table's full model (the same model)."
+        )
     return lines
 
 

@@ -16,6 +16,7 @@ from flexcli.commands.convert import ConvertOptions, convert
 from flexcli.errors import UsageError
 from flexcli.recipe import TrainSection
 from flexcli.train.checkpoints import Checkpoints
+from flexcli.train.distill import distill_loss, kd_loss
 from flexcli.train.elastic import random_config, sample_configs
 
 
@@ -56,6 +57,46 @@ def test_sampling_rules():
         spec.check(random_config(spec, "layerwise", g))
     layerwise = [random_config(spec, "layerwise", g) for _ in range(50)]
     assert any(len(set(c)) > 1 for c in layerwise)
+
+
+def _autograd_kd(s, t, temp):
+    ls = torch.log_softmax(s[:, :-1] / temp, -1).flatten(0, 1)
+    lt = torch.log_softmax(t[:, :-1] / temp, -1).flatten(0, 1)
+    return torch.nn.functional.kl_div(ls, lt, log_target=True, reduction="batchmean") * temp**2
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.5])
+def test_fused_kd_matches_autograd(temp, monkeypatch):
+    import flexcli.train.distill as distill
+
+    monkeypatch.setattr(distill, "CHUNK", 7)  # chunks that do not divide the sequence
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 20, 50, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randn(3, 20, 50, dtype=torch.float64, generator=g)
+    fused = kd_loss(s, t, temp)
+    (fused * 3).backward()
+    got = s.grad.clone()
+    s.grad = None
+    ref = _autograd_kd(s, t, temp)
+    (ref * 3).backward()
+    assert torch.allclose(fused.double(), ref, rtol=1e-6)
+    assert torch.allclose(got, s.grad, atol=1e-7)
+    assert got[:, -1].abs().max() == 0  # the last position predicts nothing
+    assert kd_loss(t, t, temp).abs() < 1e-6
+
+
+def test_distill_loss_mixes_ce_and_keeps_logit_dtype():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 50, (2, 9), generator=g)
+    s = torch.randn(2, 9, 50, generator=g).bfloat16().requires_grad_(True)
+    t = torch.randn(2, 9, 50, generator=g).bfloat16()
+    ce = torch.nn.functional.cross_entropy(s[:, :-1].float().reshape(-1, 50), x[:, 1:].reshape(-1))
+    kd = _autograd_kd(s.float(), t.float(), 1.0)
+    mixed = distill_loss(s, x, t, TrainSection(distill=0.25))
+    assert torch.allclose(mixed, 0.75 * ce + 0.25 * kd, rtol=1e-4)
+    assert torch.allclose(distill_loss(s, x, None, TrainSection()), ce)  # no teacher: plain LM loss
+    distill_loss(s, x, t, TrainSection()).backward()
+    assert s.grad.dtype == torch.bfloat16 and s.grad.abs().sum() > 0
 
 
 def test_training_improves_subnetworks_and_writes_report(tmp_path, tokenizer_dir, calib_file):

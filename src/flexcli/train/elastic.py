@@ -2,8 +2,8 @@
 
 Per micro-batch: the full model with probability p_full, otherwise a sub-network drawn from the
 elastic spec (per-layer random choices, one uniform width, or either), or with `sandwich` the full,
-the smallest and one random sub-network together. Loss: LM cross-entropy, optionally mixed with
-KL(frozen original || sub-network) at a temperature.
+the smallest and one random sub-network together. Loss (distill.py): KL(frozen original ||
+sub-network) at a temperature, optionally mixed with LM cross-entropy.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ..recipe import Recipe, TrainSection
 from . import distributed as D
 from .checkpoints import Checkpoints
 from .data import train_and_heldout
+from .distill import distill_loss, logits, teacher_logits
 from .loop import LoopState, TrainConfig, train_lm
 
 
@@ -50,35 +51,19 @@ def sample_configs(spec: ElasticSpec, tc: TrainSection, g: torch.Generator) -> l
 
 
 def make_step_loss(elastic: ElasticModel, forward: nn.Module, teacher: nn.Module | None, tc: TrainSection):
-    """step_loss(x, g) for train_lm: sample sub-networks, average their (CE + KD) losses.
+    """step_loss(x, g) for train_lm: sample sub-networks, average their (CE + KD) losses; one teacher
+    forward serves every sub-network of the micro-batch.
 
     `forward` is the module to call (the FSDP-wrapped model under torchrun, else elastic.model).
     """
-    temp = tc.temperature
 
     def step_loss(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:  # x: (batch, seq)
         cfgs = sample_configs(elastic.spec, tc, g)
-        t_logp = None
-        if teacher is not None and tc.distill > 0:
-            with torch.no_grad():
-                t_logp = torch.log_softmax(
-                    teacher(input_ids=x, use_cache=False).logits[:, :-1].float() / temp, -1
-                )
-        total = 0.0
+        t_logits = teacher_logits(teacher, x) if teacher is not None and tc.distill > 0 else None
+        total = torch.zeros((), device=x.device)
         for cfg in cfgs:
             elastic.set_config(cfg)
-            logits = forward(input_ids=x, use_cache=False).logits[:, :-1].float()  # (batch, seq-1, vocab)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-            if t_logp is not None:
-                s_logp = torch.log_softmax(logits / temp, -1)
-                kd = (
-                    nn.functional.kl_div(
-                        s_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
-                    )
-                    * temp**2
-                )
-                loss = (1 - tc.distill) * loss + tc.distill * kd
-            total = total + loss
+            total = total + distill_loss(logits(forward, x), x, t_logits, tc)
         elastic.set_config(None)
         return total / len(cfgs)
 
