@@ -329,7 +329,9 @@ def table_lines(res: dict) -> list[str]:
         f"Run {res['created']}. Budgets are shares of the full model's decode latency in `{res['regime']}` "
         f"(full {res['table']['full_ms']:.2f} ms, smallest sub-network {res['table']['smallest_ms']:.2f} ms). "
         f"Held-out perplexity, code / prose, {res['eval']['sequences']} x {res['eval']['tokens']} tokens each; "
-        f"full model {full['code']:.2f} / {full['prose']:.2f}. Compensation: {res['compensation_tokens']} "
+        f"full model {full['code']:.2f} / {full['prose']:.2f}; (x full) is against the same checkpoint's full "
+        "model, which training moves. Compensation: "
+        f"{res['compensation_tokens']} "
         "calibration tokens. No training in any row but the `trained` ones ("
         + "; ".join(
             f"{k}: {v['tokens']} tokens at {v['tokens_per_s']} tokens/s" for k, v in res["training"].items()
