@@ -12,7 +12,7 @@ distillation, the training loop's autocast):
            forward, and the sub-model sliced out at c (`slicing.sliced_model`: its own dense weights,
            per-layer shapes, nothing elastic) forward and backward
 
-Both run the same `train.elastic` loss functions; the difference is only the elastic mechanism (slicing
+Both run the same `train.distill` loss functions; the difference is only the elastic mechanism (slicing
 views, gradients into full-size tensors). The two are timed in alternation, `--rounds` pairs per
 configuration; the ratio is the median of per-pair ratios plain / elastic (>= 0.8 is the target: the
 elastic step at no more than 1.25x what its FLOPs cost in plain training). The plain step is the
@@ -26,6 +26,7 @@ over the sub-model's), reported beside the target, not in it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -66,9 +67,7 @@ def models(layers: int):
     cfg = LlamaConfig(**{**SMOLLM2, "num_hidden_layers": layers})
     cfg.architectures = ["LlamaForCausalLM"]
     model = LlamaForCausalLM(cfg).float()
-    teacher = LlamaForCausalLM(cfg).float()
-    teacher.load_state_dict(model.state_dict())
-    teacher.eval().requires_grad_(False)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)  # as run_train_stage makes its teacher
     cfgd = model.config.to_dict()
     e = ElasticSection()
     spec = ElasticSpec.build("llama", Dims.from_config(cfgd), e.mlp_ratios, e.head_ratios, e.mlp_multiple)
