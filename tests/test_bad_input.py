@@ -202,3 +202,18 @@ def test_remote_code_in_a_source_is_never_run(tmp_path, monkeypatch, src, calib_
     assert not marker.exists()  # never executed: converted with transformers' own Llama class
     assert res.exit_code == 0, res.stderr
     assert (tmp_path / "OUT" / "flex_elastic.json").exists()
+
+
+def test_recipe_reads_exponent_floats_without_a_dot(tmp_path):
+    """YAML 1.1 reads `lr: 1e-4` as the string '1e-4'; the recipe takes it as the float it means, and a
+    word in a float field is still a one-line error."""
+    from flexcli.errors import UsageError
+    from flexcli.recipe import load_recipe
+
+    r = tmp_path / "r.yaml"
+    r.write_text("train:\n  lr: 1e-4\n  blockwise_lr: 3E-3\n  temperature: 2\n")
+    t = load_recipe(r).train
+    assert (t.lr, t.blockwise_lr, t.temperature) == (1e-4, 3e-3, 2.0)
+    r.write_text("train:\n  lr: fast\n")
+    with pytest.raises(UsageError, match="train.lr must be float"):
+        load_recipe(r)

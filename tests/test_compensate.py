@@ -199,3 +199,42 @@ def test_eval_evaluates_plain_slices_when_moments_would_not_fit(
     plain = json.loads(runner.invoke(app, [*args, "--no-compensate"]).stdout)["rows"]
     assert rows[1]["compensated"] is True and json.loads(small.stdout)["rows"][1]["compensated"] is False
     assert json.loads(small.stdout)["rows"][1]["ppl"] == plain[1]["ppl"] != rows[1]["ppl"]
+
+
+def test_sequential_refit_uses_the_sub_networks_own_inputs(tmp_path, tokenizer_dir, calib_file):
+    """Block 0 sees the full model's input, so its o_proj refit is the parallel one; later projections are
+    refit on the narrowed upstream's activations (different from the parallel refit), which brings the
+    sub-network's output closer to the full model's on the calibration text; the model is left untouched."""
+    from flexcli.elastic.runtime import load_elastic
+
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
+    elastic = load_elastic(el)
+    seqs = torch.randint(0, 200, (8, 32), generator=torch.Generator().manual_seed(0))
+    small = [(lc.mlp[-2], lc.heads[-2]) for lc in spec.layers]
+    before = {k: v.clone() for k, v in elastic.model.state_dict().items()}
+    seq = compensate.sequential_overrides(elastic, small, seqs, batch_size=3)
+    assert all(torch.equal(v, elastic.model.state_dict()[k]) for k, v in before.items())
+    assert compensate.sequential_overrides(elastic, spec.full(), seqs) == {}
+
+    wanted = set(compensate.narrowed(spec, small))
+    bank = compensate.calibrated_bank(elastic.model, elastic.arch, spec, seqs, wanted)
+    par = bank.overrides(small)
+    assert set(seq) == set(par)
+    o0, d2 = (
+        compensate.weight_name(elastic.arch, 0, "qhead"),
+        compensate.weight_name(elastic.arch, 2, "neuron"),
+    )
+    assert torch.allclose(seq[o0], par[o0], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(seq[d2], par[d2], atol=1e-3)
+
+    with torch.no_grad():
+        ref = elastic.model(input_ids=seqs).logits
+
+    def err(new):
+        compensate.apply(elastic.model, elastic.arch, spec, small, new)
+        with torch.no_grad(), elastic.configured(small):
+            out = elastic.model(input_ids=seqs).logits
+        elastic.model.load_state_dict(before)
+        return (out - ref).pow(2).mean().item()
+
+    assert err(seq) < err(par) < err({})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, rel_err, small_elastic
 from safetensors.torch import load_file
 
 from flexcli.arch import Dims
@@ -57,6 +57,9 @@ def test_sampling_rules():
         spec.check(random_config(spec, "layerwise", g))
     layerwise = [random_config(spec, "layerwise", g) for _ in range(50)]
     assert any(len(set(c)) > 1 for c in layerwise)
+    fixed = [spec.smallest(), spec.uniform(0.5, 0.5)]  # train.configs: only these, and the full model
+    drawn = [sample_configs(spec, TrainSection(p_full=0.33), g, fixed)[0] for _ in range(600)]
+    assert {tuple(c) if c else None for c in drawn} == {None, *map(tuple, fixed)}
 
 
 def _autograd_kd(s, t, temp):
@@ -103,7 +106,11 @@ def test_training_improves_subnetworks_and_writes_report(tmp_path, tokenizer_dir
     src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2, hidden=64, layers=2)
     res = convert(
         str(src),
-        _opts(calib_file, _recipe(tmp_path, steps=30, lr=3e-3, distill=0.5), output=tmp_path / "out"),
+        _opts(
+            calib_file,
+            _recipe(tmp_path, steps=30, lr=3e-3, distill=0.5, freeze_embeddings=False),
+            output=tmp_path / "out",
+        ),
     )
     t = res.training
     before = {r.name: r.loss for r in t.before}
@@ -115,6 +122,10 @@ def test_training_improves_subnetworks_and_writes_report(tmp_path, tokenizer_dir
     manifest = json.loads((out / "flex_elastic.json").read_text())
     assert manifest["stages"]["train"]["steps"] == 30 and "train" in manifest["recipe"]["stages"]
     assert not (tmp_path / ".out.flex-train").exists()  # checkpoints removed after commit
+    emb = "model.embed_tokens.weight"  # freeze_embeddings: false trains them
+    assert not torch.equal(
+        load_file(src / "model.safetensors")[emb], load_file(out / "model.safetensors")[emb]
+    )
 
 
 class Interrupt(Exception):
@@ -177,3 +188,78 @@ def test_bad_training_inputs(tmp_path, tokenizer_dir, calib_file):
         r.write_text("stages: [permute, train]\n")
         convert(str(src), _opts(calib_file, r, output=tmp_path / "o"))
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.flex-train").exists()
+
+
+def test_blockwise_warm_start_lowers_block_error_and_keeps_full(tmp_path, tokenizer_dir, calib_file):
+    """The warm start trains every block at narrow widths toward the full block's output: the smallest
+    widths' reconstruction error falls, the full width stays near exact, and the convert report says so."""
+    import copy
+
+    from flexcli.elastic.runtime import load_elastic
+    from flexcli.train.blockwise import cache_activations, reconstruct
+
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file)
+    elastic = load_elastic(el)
+    teacher = copy.deepcopy(elastic.model).requires_grad_(False)
+    tokens = torch.randint(0, 200, (4096,), generator=torch.Generator().manual_seed(0))
+    emb = elastic.model.get_input_embeddings().weight.clone()
+    tc = TrainSection(
+        batch_size=4, seq_len=32, precision="fp32", warmup=2, blockwise_tokens=512, blockwise_epochs=6,
+        blockwise_lr=3e-3, p_full=0.3,
+    )  # fmt: skip
+    rep = reconstruct(elastic, teacher, tokens, tc, seed=0)
+    assert rep.steps == 24 and rep.tokens == 512
+    assert all(a < b for a, b in zip(rep.smallest_after, rep.smallest_before, strict=True))
+    assert max(rep.full_after) < 0.5 * min(rep.smallest_after)
+    assert torch.equal(elastic.model.get_input_embeddings().weight, emb)  # blocks only
+
+    # the captured activations are the model's own: block i's output is block i+1's input
+    x = tokens[:64].view(2, 32)
+    (acts,), kwargs = cache_activations(teacher, elastic.arch.layers, [x])
+    assert acts.shape == (spec.dims.num_layers + 1, 2, 32, spec.dims.hidden_size)
+    with torch.no_grad():
+        out = teacher(input_ids=x, output_hidden_states=True).hidden_states
+    assert rel_err(acts[1], out[1]) < 1e-2  # bf16 cache
+
+
+def test_convert_runs_blockwise_and_freezes_embeddings(tmp_path, tokenizer_dir, calib_file):
+    src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2, hidden=64, layers=2)
+    recipe = _recipe(
+        tmp_path, steps=4, lr=3e-3, blockwise_tokens=256, blockwise_lr=1e-3
+    )  # embeddings frozen by default
+    res = convert(str(src), _opts(calib_file, recipe, output=tmp_path / "out"))
+    bw = res.training.blockwise
+    assert bw["steps"] == 2 and len(bw["smallest_before"]) == 2
+    manifest = json.loads((Path(res.output) / "flex_elastic.json").read_text())
+    assert manifest["stages"]["train"]["blockwise"]["tokens"] == 256
+    before = load_file(src / "model.safetensors")
+    after = load_file(Path(res.output) / "model.safetensors")
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    layer = "model.layers.0.post_attention_layernorm.weight"  # not permuted, but trained
+    assert not torch.equal(before[layer], after[layer])
+
+
+def test_train_configs_file(tmp_path, tokenizer_dir, calib_file):
+    """train.configs trains the listed configurations; a file that is not a list of valid configurations
+    is a one-line error before any training."""
+    from flexcli.arch.spec import config_to_json
+
+    src = make_model(tmp_path / "src", tokenizer_dir, "llama", 4, 2, hidden=64, layers=2)
+    el = Path(convert(str(src), _opts(calib_file, None, output=tmp_path / "el")).output)
+    spec = ElasticSpec.from_dict(json.loads((el / "flex_elastic.json").read_text())["spec"])
+    good = tmp_path / "configs.json"
+    good.write_text(json.dumps([config_to_json(spec.smallest())]))
+    res = convert(
+        str(src), _opts(calib_file, _recipe(tmp_path, steps=25, configs=str(good)), output=tmp_path / "out")
+    )
+    assert res.training.steps == 25
+    bad = tmp_path / "bad.json"
+    for text in ("{}", "[]", json.dumps([[{"mlp": 7, "heads": 1}] * 2]), "not json"):
+        bad.write_text(text)
+        with pytest.raises(UsageError, match="train.configs"):
+            convert(
+                str(src),
+                _opts(calib_file, _recipe(tmp_path, steps=25, configs=str(bad)), output=tmp_path / "o2"),
+            )
+    assert not (tmp_path / "o2").exists()

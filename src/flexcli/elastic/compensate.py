@@ -175,3 +175,96 @@ def apply(
         name = weight_name(arch, i, unit)
         if name in new:
             params[name][:, keep] = new[name].to(params[name].dtype)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _block_inputs(model: nn.Module, arch: Architecture, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(hidden state entering the first decoder block, the other arguments every block gets) for input ids
+    `x`, without running any block."""
+    got: dict = {}
+
+    def pre(_mod, args, kw):
+        got["h"] = args[0] if args else kw["hidden_states"]
+        got["kw"] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        raise _Stop
+
+    h = model.get_submodule(arch.layers)[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        model(input_ids=x, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got["h"], got["kw"]
+
+
+def _out(o):
+    return o[0] if isinstance(o, tuple) else o
+
+
+@contextmanager
+def _capture(taps: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """unit -> the (tokens, n) input of its projection in the latest forward."""
+    xs: dict[str, torch.Tensor] = {}
+    hooks = [
+        tap.register_forward_pre_hook(lambda _m, a, u=u: xs.__setitem__(u, a[0].reshape(-1, a[0].shape[-1])))
+        for u, tap in taps.items()
+    ]
+    try:
+        yield xs
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@torch.no_grad()
+def sequential_overrides(elastic, cfg: Config, seqs: torch.Tensor, batch_size: int = 4,
+                         damping: float = DAMPING) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Refits of `cfg`'s narrowed output projections from moments of the sub-network's own stream: block
+    i's G = E[x x^T] is taken on the input the compensated sub-network gives it (blocks < i narrowed and
+    refit; o_proj before down_proj, whose input depends on it), with every unit of the projection
+    computed, then `refit` as the parallel bank does. `calibrated_bank` takes every G on the full
+    model's stream, once for all configurations. About three forwards of `seqs` per configuration; the
+    model is left as it was. Returns HF weight name -> (out, k), as Bank.overrides.
+    """
+    model, arch, spec = elastic.model, elastic.arch, elastic.spec
+    full = (spec.dims.intermediate_size, spec.dims.num_heads)
+    cut = narrowed(spec, cfg)
+    params = dict(model.named_parameters())
+    batches = [_block_inputs(model, arch, seqs[b : b + batch_size]) for b in range(0, len(seqs), batch_size)]
+    kws = [kw for _, kw in batches]
+    h_sub = [h for h, _ in batches]  # the compensated sub-network's stream, block by block
+    orig: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    old = elastic.config
+    try:
+        for i, layer in enumerate(model.get_submodule(arch.layers)):
+            units = [u for u in ("qhead", "neuron") if (i, u) in cut]
+            taps = {u: layer.get_submodule(arch.tap(u)) for u in units}
+            for u in units:
+                keep, name = cut[(i, u)], weight_name(arch, i, u)
+                # the block at cfg but with u at full width: every unit's activation on the sub-network's
+                # own stream (the kept ones are what the sub-network computes)
+                elastic.set_layer(i, *[full[j] if (u == "neuron") == (j == 0) else cfg[i][j] for j in (0, 1)])
+                g = None
+                with _capture({u: taps[u]}) as xs:
+                    for b, h in enumerate(h_sub):
+                        layer(h, **kws[b])
+                        x = xs[u].double()  # (tokens, n)
+                        g = x.T @ x if g is None else g + x.T @ x  # (n, n)
+                w = params[name]
+                orig[name] = w.detach().clone()
+                v = refit(orig[name], g, keep, damping)
+                w[:, keep] = v
+                out[name] = v
+            elastic.set_layer(i, *cfg[i])
+            h_sub = [_out(layer(h, **kws[b])) for b, h in enumerate(h_sub)]
+    finally:
+        elastic.set_config(old)
+        for n, w in orig.items():
+            params[n].copy_(w)
+    return out

@@ -9,6 +9,7 @@ sub-network) at a temperature, optionally mixed with LM cross-entropy.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -18,12 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch.spec import Config, ElasticSpec
+from ..arch.spec import Config, ElasticSpec, config_from_json
 from ..elastic.evaluate import WidthRow, width_report
 from ..elastic.runtime import ElasticModel
 from ..errors import UsageError
 from ..recipe import Recipe, TrainSection
 from . import distributed as D
+from .blockwise import reconstruct
 from .checkpoints import Checkpoints
 from .data import train_and_heldout
 from .distill import distill_loss, logits, teacher_logits
@@ -41,16 +43,46 @@ def random_config(spec: ElasticSpec, sampling: str, g: torch.Generator) -> Confi
     return spec.sample(draw, sampling)
 
 
-def sample_configs(spec: ElasticSpec, tc: TrainSection, g: torch.Generator) -> list[Config | None]:
-    """The sub-networks one micro-batch trains (None = the full model)."""
+def sample_configs(
+    spec: ElasticSpec, tc: TrainSection, g: torch.Generator, fixed: list[Config] | None = None
+) -> list[Config | None]:
+    """The sub-networks one micro-batch trains (None = the full model); `fixed`: draw among these."""
     if tc.sandwich:
         return [None, spec.smallest(), random_config(spec, tc.sampling, g)]
     if torch.rand((), generator=g).item() < tc.p_full:
         return [None]
+    if fixed:
+        return [fixed[int(torch.randint(0, len(fixed), (1,), generator=g).item())]]
     return [random_config(spec, tc.sampling, g)]
 
 
-def make_step_loss(elastic: ElasticModel, forward: nn.Module, teacher: nn.Module | None, tc: TrainSection):
+def load_configs(path: str, spec: ElasticSpec) -> list[Config]:
+    """train.configs: a JSON list of configurations, each checked against the spec."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"train.configs: cannot read {p} as JSON ({e})") from None
+    if not isinstance(raw, list) or not raw:
+        raise UsageError(f"train.configs: {p} must hold a non-empty list of configurations")
+    out = []
+    for cfg in raw:
+        try:
+            c = config_from_json(cfg)
+            spec.check(c)
+        except UsageError as e:
+            raise UsageError(f"train.configs: {p}: {e}") from None
+        out.append(c)
+    return out
+
+
+def make_step_loss(
+    elastic: ElasticModel,
+    forward: nn.Module,
+    teacher: nn.Module | None,
+    tc: TrainSection,
+    fixed: list[Config] | None = None,
+):
     """step_loss(x, g) for train_lm: sample sub-networks, average their (CE + KD) losses; one teacher
     forward serves every sub-network of the micro-batch.
 
@@ -58,7 +90,7 @@ def make_step_loss(elastic: ElasticModel, forward: nn.Module, teacher: nn.Module
     """
 
     def step_loss(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:  # x: (batch, seq)
-        cfgs = sample_configs(elastic.spec, tc, g)
+        cfgs = sample_configs(elastic.spec, tc, g, fixed)
         t_logits = teacher_logits(teacher, x) if teacher is not None and tc.distill > 0 else None
         total = torch.zeros((), device=x.device)
         for cfg in cfgs:
@@ -96,6 +128,7 @@ class TrainReport:
     final_train_loss: float
     resumed_from: int | None
     world_size: int = 1
+    blockwise: dict[str, Any] | None = None  # the block-wise warm start's report (blockwise.py)
     loss_curve: list[float] = field(default_factory=list)  # training loss per optimizer step
     before: list[WidthRow] = field(default_factory=list)  # prune-only (permuted, untrained)
     after: list[WidthRow] = field(default_factory=list)
@@ -111,8 +144,9 @@ def training_data(recipe: Recipe, tok, cache: Path) -> tuple[torch.Tensor, torch
     tc = recipe.train
     cfg = TrainConfig.from_section(tc, recipe.seed)
     cache.mkdir(parents=True, exist_ok=True)
+    need = max(cfg.tokens, tc.blockwise_tokens)  # the warm start caches its windows from the same text
     tokens, heldout = train_and_heldout(
-        tok, tc.data or recipe.calibration.data, cfg.tokens, tc.val_samples, tc.seq_len, cache
+        tok, tc.data or recipe.calibration.data, need, tc.val_samples, tc.seq_len, cache
     )
     if tokens.numel() < cfg.batch_size * cfg.seq_len + 1:
         raise UsageError(
@@ -139,10 +173,26 @@ def run_train_stage(
     tc = recipe.train
     cfg = TrainConfig.from_section(tc, recipe.seed)
     tokens, heldout = data
+    fixed = load_configs(tc.configs, elastic.spec) if tc.configs else None  # fail before any work
     configs = report_configs(elastic.spec, recipe.elastic.mlp_ratios, tc.val_random_configs, recipe.seed)
     with reporter.task("held-out loss before training (prune-only)"):
         before = width_report(elastic, heldout, configs)
-    teacher = copy.deepcopy(hf).eval().requires_grad_(False) if tc.distill > 0 else None
+    need_teacher = tc.distill > 0 or (tc.blockwise_tokens > 0 and resume_from is None)
+    teacher = copy.deepcopy(hf).eval().requires_grad_(False) if need_teacher else None
+    rank, world = D.rank_world()
+    blockwise = None
+    if tc.blockwise_tokens > 0 and resume_from is None:  # a resumed run's checkpoint already holds it
+        if world > 1:
+            raise UsageError(
+                "train.blockwise_tokens: the block-wise warm start runs in one process, not torchrun"
+            )
+        blockwise = reconstruct(elastic, teacher, tokens, tc, recipe.seed, reporter).to_dict()
+    if tc.distill == 0:
+        teacher = None
+    if tc.freeze_embeddings:
+        for emb in (hf.get_input_embeddings(), hf.get_output_embeddings()):
+            if emb is not None:
+                emb.weight.requires_grad_(False)
 
     state: LoopState | None = None
     if resume_from is not None:
@@ -150,7 +200,6 @@ def run_train_stage(
         if model_state is not None:
             hf.load_state_dict(model_state, strict=False)
         reporter.info(f"resuming from {resume_from.name} (step {state.step} of {cfg.steps})")
-    rank, world = D.rank_world()
     if world > 1:
         D.shard(hf, elastic.arch)
 
@@ -164,7 +213,7 @@ def run_train_stage(
             if os.environ.get("FLEX_FAULT_AFTER_CHECKPOINT") == str(step):  # crash tests: die like kill -9
                 os._exit(137)
 
-    step_loss = make_step_loss(elastic, hf, teacher, tc)
+    step_loss = make_step_loss(elastic, hf, teacher, tc, fixed)
     if world > 1 and resume_from is not None:
         state = D.with_sharded_optimizer_state(hf, cfg, state, resume_from / "dcp")
     res = train_lm(hf, tokens, cfg, reporter, step_loss, state, on_step)
@@ -183,6 +232,7 @@ def run_train_stage(
         round(res.final_loss, 5),
         state.step if state else None,
         world,
+        blockwise,
         [round(x, 6) for x in res.losses],
         before,
         after,
