@@ -320,8 +320,10 @@ def test_profile_in_llama_cpp_then_route_and_extract_against_it(
         el, tmp_path / "b.gguf", "--budget", budget, "--gguf-type", "f32"
     )  # random model: exact type
     assert m["regime"] == prof["regime"] and m["measured_latency_ms"] > 0 and m["reference_ms"] > 0
+    # the median of per-pair ratios (time_alongside), not the ratio of the medians: equal up to the
+    # spread of the pairs, not to rounding
     assert m["measured_at_table_speed_ms"] == pytest.approx(
-        m["measured_latency_ms"] / (1 + m["reference_drift"]), rel=1e-6
+        m["measured_latency_ms"] / (1 + m["reference_drift"]), rel=0.05
     )
     r = runner.invoke(app, ["extract", str(el), "--budget", budget, "-o", str(tmp_path / "st"), "--json"])
     st = json.loads(r.stdout)["models"][0]
