@@ -153,7 +153,13 @@ def profile_and_route(d: Path, el: str) -> list[str]:
 
 def extract_and_report(d: Path, el: str, budgets: list[str]) -> None:
     ex = flex("extract", el, "--budget", ",".join(budgets), "-o", str(d / "sub"), "--force", cwd=d)
-    print("\nextracted sub-models (load with stock transformers; verified against the elastic model):\n")
+    how = {
+        "stock": "stock transformers",
+        "flex": "transformers with trust_remote_code=True",
+        "gguf": "llama.cpp",
+    }
+    loads = sorted({how.get(m["format"], m["format"]) for m in ex["models"]})
+    print(f"\nextracted sub-models (load with {' or '.join(loads)}; verified against the elastic model):\n")
     print(
         f"{'budget':>7} {'budget ms':>9} {'format':>6} {'params':>8} {'predicted ms':>12} {'measured ms':>11} "
         f"{'at table speed':>14}  path"
