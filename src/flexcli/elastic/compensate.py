@@ -15,6 +15,9 @@ budget of an extract run, and at full width (K = all columns) nothing changes.
 
 Measured on SmolLM2-135M prune-only (docs/RESULTS-real.md): uniform 75% (MLP 1152, 6 of 9 heads)
 41.8 -> 25.6 held-out code ppl; a constant bias (the removed units' mean contribution) made it worse.
+`sequential_overrides` takes G per configuration on the sub-network's own stream instead; on SmolLM2
+that was within noise of the parallel refit at about 150 s per sub-model
+(docs/results/recovery_training.md), so extraction keeps the parallel one and only bench-recovery uses it.
 """
 
 from __future__ import annotations
