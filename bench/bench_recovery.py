@@ -53,7 +53,7 @@ import re
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -231,23 +231,15 @@ class Evaluator:
         from flexcli.elastic.evaluate import mean_loss
 
         cfg = [tuple(x) for x in cfg]
-        secs, bank = 0.0, None
+        secs, ctx = 0.0, nullcontext()
         if comp is not None and comp.startswith(SEQ):  # refit on the sub-network's own stream
             from flexcli.train.data import load_sequences
 
             seqs = load_sequences(self.tok, comp.removeprefix(SEQ), tokens // 256, 256, "train")
             t = time.time()
-            new = compensate.sequential_overrides(self.el, cfg, seqs)
+            ctx = self._written(cfg, compensate.sequential_overrides(self.el, cfg, seqs))
             secs = time.time() - t
-            state = {k: v.detach().clone() for k, v in self.el.model.state_dict().items() if k in new}
-            compensate.apply(self.el.model, self.el.arch, self.el.spec, cfg, new)
-            try:
-                with self.el.configured(cfg):
-                    out = {k: round(math.exp(mean_loss(self.el.model, v)), 3) for k, v in self.held.items()}
-            finally:
-                self.el.model.load_state_dict(state, strict=False)
-            return out, secs
-        if comp is not None:
+        elif comp is not None:
             g, secs = self._moments(comp, tokens)
             bank = compensate.Bank(
                 self.el.model, self.el.arch, self.el.spec, g
@@ -255,9 +247,22 @@ class Evaluator:
             t = time.time()
             bank.overrides(cfg)
             secs += time.time() - t
-        with bank.applied(cfg) if bank else nullcontext(), self.el.configured(cfg):
+            ctx = bank.applied(cfg)
+        with ctx, self.el.configured(cfg):
             out = {k: round(math.exp(mean_loss(self.el.model, v)), 3) for k, v in self.held.items()}
         return out, secs
+
+    @contextmanager
+    def _written(self, cfg, new: dict):
+        """The model with the refit columns `new` written in, restored afterwards."""
+        from flexcli.elastic import compensate
+
+        state = {k: v.detach().clone() for k, v in self.el.model.state_dict().items() if k in new}
+        compensate.apply(self.el.model, self.el.arch, self.el.spec, cfg, new)
+        try:
+            yield
+        finally:
+            self.el.model.load_state_dict(state, strict=False)
 
 
 # lever -> (checkpoint, configurations, compensation text); checkpoints: CONVERTS, TRAINED or "carved";

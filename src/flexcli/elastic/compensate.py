@@ -31,6 +31,7 @@ from torch import nn
 from ..arch.family import Architecture
 from ..arch.spec import Config, ElasticSpec
 from .evaluate import run_batches
+from .runtime import block_output
 from .slicing import unit_index
 
 DAMPING = 1e-2
@@ -205,10 +206,6 @@ def _block_inputs(model: nn.Module, arch: Architecture, x: torch.Tensor) -> tupl
     return got["h"], got["kw"]
 
 
-def _out(o):
-    return o[0] if isinstance(o, tuple) else o
-
-
 @contextmanager
 def _capture(taps: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
     """unit -> the (tokens, n) input of its projection in the latest forward."""
@@ -265,7 +262,7 @@ def sequential_overrides(elastic, cfg: Config, seqs: torch.Tensor, batch_size: i
                 w[:, keep] = v
                 out[name] = v
             elastic.set_layer(i, *cfg[i])
-            h_sub = [_out(layer(h, **kws[b])) for b, h in enumerate(h_sub)]
+            h_sub = [block_output(layer(h, **kws[b])) for b, h in enumerate(h_sub)]
     finally:
         elastic.set_config(old)
         for n, w in orig.items():

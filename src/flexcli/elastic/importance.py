@@ -27,6 +27,7 @@ from torch import nn
 from ..arch.dims import Dims
 from ..arch.family import Architecture
 from ..io.source import SourceModel
+from .runtime import block_output
 
 Scores = list[dict[str, torch.Tensor]]  # per layer: {"neuron": (F,), "qhead": (H,)} float64
 HEAD_SCORES = ("norm", "taylor")
@@ -183,7 +184,7 @@ def compute_importance_layerwise(
                 h = hidden[b : b + batch_size]
                 with torch.autocast(device.type, autocast, enabled=autocast is not None):
                     out = layer(h, position_ids=pos, position_embeddings=(cos, sin), attention_mask=None)
-                hidden[b : b + batch_size] = out[0] if isinstance(out, tuple) else out
+                hidden[b : b + batch_size] = block_output(out)
         finally:
             for hk in hooks:
                 hk.remove()

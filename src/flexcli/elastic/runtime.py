@@ -45,6 +45,12 @@ class ElasticLinear(nn.Linear):
         return subset_linear(x, self.weight, self.bias, self.out_sel, self.in_sel)
 
 
+def block_output(out) -> torch.Tensor:
+    """A decoder layer's hidden state out of what its forward returned (a tensor, or a tuple led by it
+    in older transformers)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _get(root: nn.Module, path: str) -> nn.Module:
     for part in path.split("."):
         root = getattr(root, part)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..device import autocast_dtype
-from ..elastic.runtime import ElasticModel, _get
+from ..elastic.runtime import ElasticModel, block_output
 from ..progress import Reporter
 from ..recipe import TrainSection
 from .loop import TrainConfig, lr_at, make_optimizer, sample_batch
@@ -47,10 +47,6 @@ class BlockwiseReport:
         return asdict(self)
 
 
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def cache_activations(
     teacher: nn.Module, layers_path: str, batches: list[torch.Tensor]
@@ -61,7 +57,7 @@ def cache_activations(
     passes its blocks besides the hidden state (rotary cos/sin, mask, positions), captured on the first
     batch and valid for every batch of the same shape.
     """
-    layers = list(_get(teacher, layers_path))
+    layers = list(teacher.get_submodule(layers_path))
     seen: list[torch.Tensor] = []
     kwargs: dict[str, Any] = {}
 
@@ -72,7 +68,7 @@ def cache_activations(
             kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
 
     def post(_mod, _args, out):
-        seen.append(_hidden(out).to(CACHE_DTYPE))
+        seen.append(block_output(out).to(CACHE_DTYPE))
 
     handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(post))
@@ -97,7 +93,7 @@ def _errors(
         for i, layer in enumerate(elastic.layers):
             x, y = acts[i].float(), acts[i + 1].float()
             with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                z = _hidden(layer(x, **kwargs)).float()
+                z = block_output(layer(x, **kwargs)).float()
             out.append(round(((z - y).pow(2).sum() / (y - x).pow(2).sum().clamp_min(1e-12)).item(), 5))
     return out
 
@@ -153,7 +149,7 @@ def reconstruct(
                 elastic.set_layer(i, m, h)
                 x, y = a[i].float(), a[i + 1].float()
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    z = _hidden(layer(x, **kwargs))
+                    z = block_output(layer(x, **kwargs))
                 # normalised by the block's own update so every layer's loss is on the same scale
                 loss = (z.float() - y).pow(2).mean() / (y - x).pow(2).mean().clamp_min(1e-12)
                 loss.backward()

@@ -174,19 +174,20 @@ def run_train_stage(
     cfg = TrainConfig.from_section(tc, recipe.seed)
     tokens, heldout = data
     fixed = load_configs(tc.configs, elastic.spec) if tc.configs else None  # fail before any work
+    rank, world = D.rank_world()
+    warm_start = tc.blockwise_tokens > 0 and resume_from is None  # a resumed checkpoint already holds it
+    if warm_start and world > 1:
+        raise UsageError(
+            "train.blockwise_tokens: the block-wise warm start runs in one process, not torchrun"
+        )
     configs = report_configs(elastic.spec, recipe.elastic.mlp_ratios, tc.val_random_configs, recipe.seed)
     with reporter.task("held-out loss before training (prune-only)"):
         before = width_report(elastic, heldout, configs)
-    need_teacher = tc.distill > 0 or (tc.blockwise_tokens > 0 and resume_from is None)
+    need_teacher = tc.distill > 0 or warm_start
     teacher = copy.deepcopy(hf).eval().requires_grad_(False) if need_teacher else None
-    rank, world = D.rank_world()
-    blockwise = None
-    if tc.blockwise_tokens > 0 and resume_from is None:  # a resumed run's checkpoint already holds it
-        if world > 1:
-            raise UsageError(
-                "train.blockwise_tokens: the block-wise warm start runs in one process, not torchrun"
-            )
-        blockwise = reconstruct(elastic, teacher, tokens, tc, recipe.seed, reporter).to_dict()
+    blockwise = (
+        reconstruct(elastic, teacher, tokens, tc, recipe.seed, reporter).to_dict() if warm_start else None
+    )
     if tc.distill == 0:
         teacher = None
     if tc.freeze_embeddings:
