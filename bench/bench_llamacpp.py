@@ -1,6 +1,6 @@
 """Benchmark: llama.cpp as the serving runtime (make bench-llamacpp) -> docs/results/llamacpp.{md,json}.
 
-For the demo model (`make demo`'s demo/base-elastic) and SmolLM2-135M-Instruct (`make bench-real`'s
+For the toy model ("demo" in the results; bench/toy.py's toy/base-elastic) and SmolLM2-135M-Instruct (`make bench-real`'s
 trained elastic checkpoint, in $FLEX_CACHE), each copied into a work directory first:
 
 1. `flex profile --runtime llama.cpp --phase decode --validate 20`: the decode latency table measured in
@@ -38,9 +38,9 @@ EVAL_WINDOWS, SEQ = 8, 256
 
 def _sources(a) -> dict[str, tuple[Path, Path | None]]:
     """name -> (elastic checkpoint, original GGUF anchor or None); builds the missing ones."""
-    demo = ROOT / "demo" / "base-elastic"
+    demo = ROOT / "toy" / "base-elastic"
     if "demo" in a.models and not (demo / "flex_elastic.json").exists():
-        subprocess.run([sys.executable, "-m", "flexcli.demo"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, str(ROOT / "bench" / "toy.py")], cwd=ROOT, check=True)
     smol = smollm2_cache() / "bench" / "flextron"
     anchor = smollm2_cache() / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if "smollm2" in a.models and not (smol / "flex_elastic.json").exists():

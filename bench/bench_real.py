@@ -312,21 +312,6 @@ def st_extract(c: Ctx) -> dict:
     return {"budgets": budgets, "prompts": PROMPTS, "models": models}
 
 
-def _greedy_llamacpp(gguf: Path, tok, prompt: str, n: int = 16) -> str:
-    """Greedy continuation of `prompt` in llama.cpp (its own logits, our tokenizer), as _generate."""
-    from flexcli.runtimes import llamacpp
-
-    ids = tok(prompt).input_ids
-    start = len(ids)
-    with llamacpp.Model(gguf, n_ctx=max(64, start + n), threads=THREADS, logits=True) as m:
-        for _ in range(n):
-            nxt = int(m.logits(ids)[-1].argmax())
-            if nxt == tok.eos_token_id:
-                break
-            ids.append(nxt)
-    return tok.decode(ids[start:], skip_special_tokens=True)
-
-
 def _deploy_file(c: Ctx, el: Path, regime: str, gguf_type: str, how: list[str], name: str, tok) -> dict:
     """`flex extract --format gguf` of `el` (in `regime`, at `gguf_type`), scored in llama.cpp."""
     from flexcli.runtimes import llamacpp
@@ -342,7 +327,7 @@ def _deploy_file(c: Ctx, el: Path, regime: str, gguf_type: str, how: list[str], 
         **{k: m.get(k) for k in keep},
         "compensated": m.get("compensation") is not None,
         "ppl": {k: round(llamacpp.perplexity(f, v), 3) for k, v in c.corpora(tok).items()},
-        "continuations": [_greedy_llamacpp(f, tok, p) for p in PROMPTS],
+        "continuations": [llamacpp.greedy(f, tok, p, threads=THREADS) for p in PROMPTS],
     }
 
 

@@ -1,5 +1,5 @@
-"""Benchmark: routers on the demo model (issue 5's targets). Needs `make demo` (demo/base-elastic with a
-latency table). Writes docs/results/routers.{json,md}.
+"""Benchmark: routers on the toy model (issue 5's targets). Needs `python bench/toy.py` (toy/base-elastic with
+a latency table). Writes docs/results/routers.{json,md}.
 
 Targets: every trained budget's static configuration has LUT latency within +-5% of the budget and never
 more than 5% over; router configurations no worse than uniform width at equal LUT latency; surrogate
@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    el = ROOT / "demo" / "base-elastic"
-    if not (el / "flex_latency.json").exists():
-        sys.exit("bench_router: run `make demo` first (it builds demo/base-elastic and its latency table)")
+    el = ROOT / "toy" / "base-elastic"
+    if not (el / "flex_latency.json").exists():  # the toy model and its latency table, built once
+        subprocess.run([sys.executable, str(ROOT / "bench" / "toy.py")], cwd=ROOT, check=True)
     budgets = "52%,60%,68%,76%,84%,92%"
     cmd = [
         sys.executable,
@@ -43,10 +43,10 @@ def main() -> None:
     rows, md = (
         [],
         [
-            "# Routers on the demo model (bench/bench_router.py)",
+            "# Routers on the toy model (bench/bench_router.py)",
             "",
-            f"Machine: {platform.platform()}, torch {torch.__version__}. Elastic model: `make demo`'s "
-            f"demo/base-elastic; latency regime `{doc['regime']}` (full {doc['full_ms']:.2f} ms, smallest "
+            f"Machine: {platform.platform()}, torch {torch.__version__}. Elastic model: bench/toy.py's "
+            f"toy/base-elastic; latency regime `{doc['regime']}` (full {doc['full_ms']:.2f} ms, smallest "
             f"{doc['smallest_ms']:.2f} ms). Surrogate Spearman on 48 held-out configurations: "
             f"**{doc['sm_spearman']:.3f}**.",
             "",

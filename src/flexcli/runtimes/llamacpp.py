@@ -380,6 +380,20 @@ def perplexity(gguf: Path, seqs: torch.Tensor) -> float:
     return _ppl(_logits(gguf, seqs), seqs)
 
 
+def greedy(gguf: Path, tok, prompt: str, n: int = 16, threads: int | None = None) -> str:
+    """Greedy continuation of `prompt` in llama.cpp: its own logits, the checkpoint's tokenizer (so the
+    text is comparable with transformers' generate on the same prompt)."""
+    ids = tok(prompt).input_ids
+    start = len(ids)
+    with Model(gguf, n_ctx=max(64, start + n), threads=threads, logits=True) as m:
+        for _ in range(n):
+            nxt = int(m.logits(ids)[-1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            ids.append(nxt)
+    return tok.decode(ids[start:], skip_special_tokens=True)
+
+
 class LlamaCppBackend:
     """llama.cpp through llama-cpp-python, on this CPU with `threads` threads."""
 
