@@ -55,7 +55,7 @@ def test_readme_command_table_examples_parse():
     text = (ROOT / "README.md").read_text()
     table = text[text.index("## Commands") : text.index("## Install")]
     examples = re.findall(r"\| `(flex [^`]+)` \|$", table, re.M)
-    assert len(examples) == 7
+    assert len(examples) == 8
     cli = get_command(app)
     for ex in examples:
         args = shlex.split(ex)[1:]

@@ -245,3 +245,90 @@ def test_train_router_cli_end_to_end(tmp_path, tokenizer_dir, calib_file, monkey
     assert bad.exit_code == 2 and "unit" in bad.stderr
     missing = runner.invoke(app, ["train-router", el, "--regime", "cuda"])
     assert missing.exit_code == 2 and "flex profile" in missing.stderr
+
+
+class _FixedRouter:
+    """A LayerRouter with given per-layer choices, returned as one-hot probabilities."""
+
+    def __init__(self, choices, K: int, J: int):
+        self.choices, self.K, self.J = choices, K, J
+
+    def choose(self, layer, x, budget, tau=None, g=None):
+        km, kh = self.choices[layer]
+        pm, ph = (
+            torch.nn.functional.one_hot(km, self.K).float(),
+            torch.nn.functional.one_hot(kh, self.J).float(),
+        )
+        return km, kh, (pm if tau is not None else None), (ph if tau is not None else None)
+
+
+def test_soft_runtime_at_one_hot_choices_is_the_hard_per_token_model(tiny_elastic):
+    """The training runtime (expected outputs over the width distribution) equals real per-token widths
+    when the distribution is one choice, and its mixture is differentiable in every probability."""
+    from flexcli.elastic.adaptive import SoftRuntime
+
+    el, spec = tiny_elastic, tiny_elastic.spec
+    K, J, L = len(spec.layers[0].mlp), len(spec.layers[0].heads), spec.dims.num_layers
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, spec.dims.vocab_size, (3, 11), generator=g)
+    choices = [
+        (torch.randint(0, K, (3, 11), generator=g), torch.randint(0, J, (3,), generator=g)) for _ in range(L)
+    ]
+    rt = SoftRuntime(el, _FixedRouter(choices, K, J))
+    rt.budget = torch.zeros(3, 2)
+    with torch.no_grad():
+        got = el.model(input_ids=x, use_cache=False).logits
+    rt.close()
+    assert rel_err(got, _masked_reference(el, x, choices)) <= 1e-5
+
+    torch.manual_seed(0)
+    router = DynamicRouter(2, L, spec.dims.hidden_size, K, J)  # default init: probabilities not saturated
+    rt = SoftRuntime(el, router)
+    rt.budget, rt.tau = torch.tensor([[1.0, 0.0]]).expand(3, -1), 1.0
+    el.model.requires_grad_(False)
+    el.model(input_ids=x, use_cache=False).logits.square().mean().backward()
+    rt.close()
+    el.model.requires_grad_(True)
+    for i in range(L):  # the LM's gradient reaches every layer's MLP and head router
+        assert router.mlp[i][-1].weight.grad.abs().sum() > 0 and router.att[i][-1].weight.grad.abs().sum() > 0
+
+    # straight-through (training's default): the forward is the sampled widths' hard model, exactly
+    rt = SoftRuntime(el, router)
+    rt.budget, rt.tau, rt.hard, rt.generator = torch.tensor([[0.0, 1.0]]).expand(3, -1), 1.0, True, g
+    with torch.no_grad():
+        got = el.model(input_ids=x, use_cache=False).logits
+    sampled = [(pm.argmax(-1), ph.argmax(-1)) for pm, ph in rt.records]
+    rt.close()
+    assert any(len(torch.unique(km)) > 1 for km, _ in sampled)
+    assert rel_err(got, _masked_reference(el, x, sampled)) <= 1e-5
+
+
+def test_input_adaptive_router_follows_its_budgets(tiny_elastic):
+    """train-router's input-adaptive path (started at the static router's choices, then trained on the LM
+    loss, the defaults): its held-out mean latency lands near each target and grows with it."""
+    from flexcli.router.surrogate import LossOracle
+    from flexcli.router.training import eval_dynamic, train_dynamic
+
+    el, spec = tiny_elastic, tiny_elastic.spec
+    mlp, heads = spec.layers[0].mlp, spec.layers[0].heads
+    L = spec.dims.num_layers
+    table = LatencyTable(
+        Regime("cpu", "synthetic", "float32", 1, 16, "prefill", 0), {}, 0.5, [mlp] * L, [heads] * L,
+        [[[m / mlp[0] + 0.5 * h / heads[0] for h in heads] for m in mlp]] * L,
+    )  # fmt: skip
+    full = table.full_ms()
+    targets = [0.55 * full, 0.8 * full]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.dims.vocab_size, (4000,), generator=g)
+    h = RouterHyper(steps=150, sm_warmup=32, dynamic_steps=60, batch_size=4, seq_len=16)
+    torch.manual_seed(0)
+    oracle = LossOracle(el, tokens[:128].view(8, 16))
+    sm = warm_up_surrogate(spec, oracle, h.sm_warmup, h.sm_lr, random.Random(0), g, Reporter())
+    static, _ = train_static(spec, table, targets, oracle, sm, h, Reporter())
+    router, stats = train_dynamic(el, table, targets, tokens, sm, h, Reporter(), static=static)
+    assert stats["router_updates"] == 60 and stats["method"] == "direct" and stats["started_from_static"]
+    seqs = tokens[:256].view(16, 16)
+    lat = [eval_dynamic(el, router, table, targets, t, seqs)[1] for t in targets]
+    assert lat[0] < lat[1]
+    for got, want in zip(lat, targets):
+        assert abs(got / want - 1) <= 0.1, (lat, targets)

@@ -202,6 +202,8 @@ def train_router_cmd(
     dynamic: Annotated[bool, typer.Option("--dynamic/--no-dynamic", help="Train the input-adaptive router.")] = True,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Static router steps.")] = 600,
     dynamic_steps: Annotated[int, typer.Option("--dynamic-steps", min=1, help="Input-adaptive router steps.")] = 200,
+    dynamic_train: Annotated[str, typer.Option("--dynamic-train", help="Input-adaptive router: direct (the frozen LM's loss through straight-through gates, every step) or surrogate (the paper's gated surrogate; an ablation).")] = "direct",
+    dynamic_init: Annotated[bool, typer.Option("--dynamic-init/--no-dynamic-init", help="Start the input-adaptive router at the static router's choices.")] = True,
     joint_steps: Annotated[int, typer.Option("--joint-steps", min=0, help="Joint LLM + static router fine-tuning steps (0 = skip).")] = 0,
     sm_warmup: Annotated[int, typer.Option("--sm-warmup", min=8, help="Surrogate warm-up configurations.")] = 256,
     surrogate: Annotated[bool, typer.Option("--surrogate/--no-surrogate", help="Train the static router through the surrogate model (default) or directly on the LM loss (ablation).")] = True,
@@ -303,6 +305,36 @@ def eval_cmd(
         return evaluate(model, o, rep)
 
     run(work, as_json, render.eval_result, {"budget": "--budget/--config/--uniform"})
+
+
+@app.command("generate")
+def generate_cmd(
+    args: Annotated[list[str], typer.Argument(metavar="[ELASTIC] PROMPT", help="Elastic checkpoint [default: the one converted here, from ./flex-project.json] and the prompt ('-': read it from stdin).", show_default=False)],
+    budget: BudgetOpt = None,
+    adaptive: Annotated[bool, typer.Option("--adaptive", help="Input-adaptive routing: every token's MLP widths chosen at every decode step; head counts fixed at prefill.")] = False,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate (greedy).")] = 64,
+    regime: RegimeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stream text from an elastic checkpoint at a budget (static or input-adaptive), extracting nothing."""
+    params = dict(locals())
+    from ..commands.generate import GenerateOptions, generate
+    from ..errors import UsageError as _UsageError
+    from ..plan.budget import parse_budgets
+
+    def work(rep: Reporter):
+        if len(args) > 2:
+            raise _UsageError(f"expected [ELASTIC] PROMPT, got {len(args)} arguments (quote the prompt)")
+        path = Path(args[0]) if len(args) == 2 else None
+        prompt = sys.stdin.read() if args[-1] == "-" else args[-1]
+        bs = parse_budgets(budget) if budget else None
+        if bs is not None and len(bs) != 1:
+            raise _UsageError("flex generate takes one budget", option="budget")
+        stream = None if as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        o = options(GenerateOptions, params, prompt=prompt, budget=bs[0] if bs else None, on_text=stream)
+        return generate(_elastic_arg(path), o, rep)
+
+    run(work, as_json, render.generate_result)
 
 
 @app.command()

@@ -384,6 +384,18 @@ def eval_result(r) -> None:
     )
 
 
+def generate_result(r) -> None:
+    """The text was streamed to stdout; close its line there and say what ran on stderr."""
+    typer.echo("")
+    how = r.method if r.budget is None else f"{r.method} at {r.budget}"
+    heads = f"; heads fixed at prefill, MLP widths per token {r.mlp_width_share}" if r.mlp_width_share else ""
+    typer.echo(
+        f"{r.tokens} tokens, {r.ms_per_token:.2f} ms/token (median decode step), prefill {r.prefill_ms:.1f} ms; "
+        f"{how}{heads}",
+        err=True,
+    )
+
+
 def validate_result(r) -> None:
     typer.echo(
         f"{r.path}: {r.kind} checkpoint, {r.tensors} tensors, "

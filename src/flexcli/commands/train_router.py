@@ -147,6 +147,11 @@ def train_router(
             "nothing to train: neither the static nor the input-adaptive router was asked for",
             option="static",
         )
+    if h.dynamic_train not in ("direct", "surrogate"):
+        raise UsageError(
+            f"unknown input-adaptive training {h.dynamic_train!r}: direct or surrogate",
+            option="dynamic_train",
+        )
     if h.joint_steps and not o.static:
         raise UsageError(
             "joint fine-tuning fine-tunes the static router; it needs the static router", option="joint_steps"
@@ -255,7 +260,9 @@ def _train_routers(run: _Run, o: TrainRouterOptions, oracle: LossOracle, sm: SMS
     elif o.static:
         st_router, st_stats = train_static_direct(run.elastic, run.table, run.targets, run.tokens, h, rep)
     if o.dynamic:
-        dyn_router, dyn_stats = train_dynamic(run.elastic, run.table, run.targets, run.tokens, sm, h, rep)
+        dyn_router, dyn_stats = train_dynamic(
+            run.elastic, run.table, run.targets, run.tokens, sm, h, rep, static=st_router
+        )
     return st_router, st_stats, dyn_router, dyn_stats
 
 

@@ -114,6 +114,9 @@ class DynamicRuntime:
         self.choices: list[
             tuple[torch.Tensor, torch.Tensor]
         ] = []  # (token choice (B,S), sequence choice (B,))
+        # decode with a KV cache: the head counts chosen at prefill, (B,) per layer, kept for every later
+        # step (a layer's cached keys and values have the heads they were computed with)
+        self.fixed_heads: list[torch.Tensor] | None = None
         self._restore, self._hooks = [], []
         for i, layer in enumerate(elastic.layers):
             mlp, attn = getattr(layer, mlp_name), getattr(layer, attn_name)
@@ -143,6 +146,8 @@ class DynamicRuntime:
                 gm.gate, ga.gate = (sel_m / sel_m.detach()).to(x.dtype), (sel_h / sel_h.detach()).to(x.dtype)
             else:
                 gm.gate = ga.gate = None
+            if self.fixed_heads is not None:
+                kh = self.fixed_heads[i]
             gm.token_choice, ga.seq_choice = km, kh
             self.choices.append((km, kh))
 
@@ -154,3 +159,71 @@ class DynamicRuntime:
         for layer, mn, mlp, an, attn in self._restore:
             setattr(layer, mn, mlp)
             setattr(layer, an, attn)
+
+
+class SoftRuntime:
+    """Input-adaptive routing for training, as expected outputs: the full-width model in which, per token,
+    MLP neuron n is scaled by P(the token's width keeps n) before down_proj and, per sequence, query head
+    h's attention output by P(the head count keeps h) before o_proj.
+
+    Nested widths make this the exact mixture over the choice distribution of what each width feeds its
+    output projection, in one full-width forward, differentiable in every probability (straight-through
+    gates on the sampled choice see one width only, and nothing says a wider one would be better)."""
+
+    def __init__(self, elastic: ElasticModel, router: LayerRouter):
+        self.elastic, self.router = elastic, router
+        spec, arch, d = elastic.spec, elastic.arch, elastic.spec.dims
+        self.budget: torch.Tensor | None = None  # (B, n_targets)
+        self.tau = 1.0
+        self.generator: torch.Generator | None = None
+        self.hard = False  # straight-through one-hot forward (see _route)
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pi_mlp (B,S,K), pi_heads (B,J))
+        self._old = elastic.config
+        elastic.set_config(None)
+        self._hooks = []
+        for i, layer in enumerate(elastic.layers):
+            ls = spec.layers[i]
+            m_mask = (
+                torch.arange(d.intermediate_size)[None] < torch.tensor(ls.mlp)[:, None]
+            ).float()  # (K, I)
+            h_mask = torch.zeros(len(ls.heads), d.num_heads)
+            for j, h in enumerate(ls.heads):
+                h_mask[j, spec.head_index(h)[0]] = 1.0
+            h_mask = h_mask.repeat_interleave(d.head_dim, dim=1)  # (J, H * head_dim)
+            slot: dict[str, torch.Tensor] = {}
+            self._hooks += [
+                layer.register_forward_pre_hook(self._route(i, slot), with_kwargs=True),
+                layer.get_submodule(arch.tap("neuron")).register_forward_pre_hook(
+                    self._scale(slot, "m", m_mask)
+                ),
+                layer.get_submodule(arch.tap("qhead")).register_forward_pre_hook(
+                    self._scale(slot, "h", h_mask)
+                ),
+            ]
+
+    def _route(self, i: int, slot: dict):
+        def pre(_layer, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]  # (B, S, D)
+            km, kh, pm, ph = self.router.choose(
+                i, x.detach(), self.budget.to(x.device), self.tau, self.generator
+            )
+            if self.hard:  # straight-through: the forward runs the sampled widths, the gradient the mixture's
+                pm = pm + (nn.functional.one_hot(km, pm.shape[-1]).to(pm.dtype) - pm).detach()
+                ph = ph + (nn.functional.one_hot(kh, ph.shape[-1]).to(ph.dtype) - ph).detach()
+            slot["m"], slot["h"] = pm, ph[:, None, :]  # (B, S, K), (B, 1, J)
+            self.records.append((pm, ph))
+
+        return pre
+
+    @staticmethod
+    def _scale(slot: dict, key: str, mask: torch.Tensor):
+        def pre(_mod, args):
+            p = slot[key]
+            return (args[0] * (p @ mask.to(p.device)).to(args[0].dtype),)  # (B, S, I) or (B, S, H*hd)
+
+        return pre
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.elastic.set_config(self._old)

@@ -81,6 +81,11 @@ class DynamicRouter(nn.Module):
         self.mlp = nn.ModuleList(_two_layer(hidden_size + emb, hidden, n_mlp) for _ in range(n_layers))
         self.att = nn.ModuleList(_two_layer(hidden_size + emb, hidden, n_heads) for _ in range(n_layers))
         _init(self, init_std)
+        # per-target logits added to every token's: the budget's own say, which hidden states of norm ~10
+        # beside a 16-wide budget embedding drowned (trained on the LM loss, the router forgot its budget
+        # and ran every one at the same latency); set from the static router's choices to start there
+        self.prior_mlp = nn.Parameter(torch.zeros(n_targets, n_layers, n_mlp))
+        self.prior_att = nn.Parameter(torch.zeros(n_targets, n_layers, n_heads))
 
     def layer_logits(
         self, layer: int, x: torch.Tensor, budget: torch.Tensor
@@ -93,7 +98,11 @@ class DynamicRouter(nn.Module):
         x = x.float()
         tok = torch.cat([x, e[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
         seq = torch.cat([x.mean(dim=1), e], dim=-1)
-        return self.mlp[layer](tok), self.att[layer](seq)
+        pm, ph = (
+            budget.float() @ self.prior_mlp[:, layer],
+            budget.float() @ self.prior_att[:, layer],
+        )  # (B, K), (B, J)
+        return self.mlp[layer](tok) + pm[:, None, :], self.att[layer](seq) + ph
 
     def choose(self, layer: int, x: torch.Tensor, budget: torch.Tensor, tau: float | None = None,
                g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:  # fmt: skip

@@ -129,5 +129,7 @@ def load_router(
         if kind == "static"
         else DynamicRouter(len(doc["targets_ms"]), L, spec.dims.hidden_size, K, J)
     )
-    r.load_state_dict(sd)
+    got = r.load_state_dict(sd, strict=False)  # adaptive routers saved before their priors: zero priors
+    if got.unexpected_keys or set(got.missing_keys) - {"prior_mlp", "prior_att"}:
+        r.load_state_dict(sd)  # raises, naming the mismatch
     return r.eval(), doc

@@ -1,0 +1,138 @@
+"""Benchmark: static vs input-adaptive routing on an elastic checkpoint (issue 25) -> docs/results/adaptive.{md,json}.
+
+Per trained budget: held-out ppl on code (stdlib's held-out files), prose (pydoc topics) and text that
+alternates 64-token chunks of the two; the adaptive router's mean table latency per corpus and its share of
+tokens at each MLP width per corpus (does it spend width where the text is hard?); and PyTorch CPU decode
+ms/token from `flex generate`'s own loop (greedy, KV cache, router inside the timed step), static and
+adaptive alternated prompt by prompt so drift hits both alike.
+
+    python bench/bench_adaptive.py ELASTIC   (routers trained for its newest table, e.g. by make demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, heldout_text  # noqa: E402
+
+PROMPTS = ["def parse_args(argv):\n", "The history of the printing press", "import os\n\n\nclass Cache:\n",
+           "Water boils at a temperature of", "The difference between a list and a tuple is"]  # fmt: skip
+
+
+def alternating(code: torch.Tensor, prose: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """(n, T): 64-token chunks taken in turn from a code and a prose sequence."""
+    out = code.clone()
+    for s in range(chunk, code.shape[1], 2 * chunk):
+        out[:, s : s + chunk] = prose[:, s : s + chunk]
+    return out
+
+
+@torch.no_grad()
+def adaptive_stats(el, router, table, targets, ms, seqs) -> dict:
+    """Held-out ppl, mean table latency and per-width token share of adaptive routing at `ms`."""
+    from flexcli.elastic.adaptive import DynamicRuntime
+    from flexcli.router.models import encode_budget
+    from flexcli.router.training import eval_dynamic
+
+    loss, lat = eval_dynamic(el, router, table, targets, ms, seqs)
+    rt = DynamicRuntime(el, router)
+    rt.budget = encode_budget(ms, targets)[None].expand(seqs.shape[0], -1)
+    el.model(input_ids=seqs, use_cache=False)
+    mlp = el.spec.layers[0].mlp
+    count = Counter(k for km, _ in rt.choices for k in km.flatten().tolist())
+    rt.close()
+    total = sum(count.values())
+    return {"ppl": round(math.exp(loss), 3), "table_ms": round(lat, 2),
+            "mlp_share": {str(mlp[k]): round(c / total, 4) for k, c in sorted(count.items())}}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("elastic", type=Path)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "adaptive")
+    a = ap.parse_args()
+    from flexcli.commands.generate import GenerateOptions, generate
+    from flexcli.elastic.evaluate import mean_loss
+    from flexcli.elastic.runtime import load_elastic
+    from flexcli.io.source import load_tokenizer
+    from flexcli.latency.table import load_table
+    from flexcli.plan.budget import parse_budget
+    from flexcli.router.models import static_config
+    from flexcli.router.store import load_router
+
+    torch.manual_seed(0)
+    el, tok, table = load_elastic(a.elastic), load_tokenizer(a.elastic), load_table(a.elastic)
+    st, doc = load_router(a.elastic, "static", table.regime.key)
+    dyn, _ = load_router(a.elastic, "dynamic", table.regime.key)
+    targets = doc["targets_ms"]
+    corp = heldout_text(tok, a.samples, 256)
+    corp["alternating"] = alternating(corp["code"], corp["prose"])
+    rows = []
+    for ms in targets:
+        cfg = static_config(st, el.spec, targets, ms)
+        with el.configured(cfg):
+            static = {k: round(math.exp(mean_loss(el.model, v)), 3) for k, v in corp.items()}
+        adaptive = {k: adaptive_stats(el, dyn, table, targets, ms, v) for k, v in corp.items()}
+        b = parse_budget(f"{ms}ms")
+        dec: dict[str, list[float]] = {"static": [], "adaptive": []}
+        for p in PROMPTS:  # alternated prompt by prompt
+            for kind in ("static", "adaptive"):
+                o = GenerateOptions(
+                    prompt=p, budget=b, adaptive=kind == "adaptive", max_new_tokens=a.new_tokens
+                )
+                dec[kind].append(generate(a.elastic, o).ms_per_token)
+        rows.append({"budget_ms": round(ms, 2), "share": round(ms / table.full_ms(), 3),
+                     "static_table_ms": round(table.predict(cfg), 2), "static_ppl": static, "adaptive": adaptive,
+                     "decode_ms_per_token": {k: round(statistics.median(v), 2) for k, v in dec.items()}})  # fmt: skip
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    res = {"elastic": str(a.elastic), "regime": table.regime.key, "full_ms": table.full_ms(),
+           "machine": platform.platform(), "torch": torch.__version__, "samples": a.samples,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}  # fmt: skip
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    md = [
+        "# Static vs input-adaptive routing (bench/bench_adaptive.py)",
+        "",
+        f"{a.elastic.name}, latency table `{table.regime.key}` (full {table.full_ms():.1f} ms). Held-out ppl on "
+        f"{a.samples} x 256 tokens per corpus; adaptive latency is the table's mean over its per-token "
+        "choices; decode ms/token is the median of `flex generate`'s timed steps over "
+        f"{len(PROMPTS)} prompts x {a.new_tokens} tokens, static and adaptive alternated.",
+        "",
+        "| budget | static ms | adaptive ms (code/prose/alt) | static ppl code/prose/alt | adaptive ppl "
+        "code/prose/alt | decode ms/token static / adaptive |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ad = r["adaptive"]
+        md.append(
+            f"| {r['budget_ms']:.1f} ms ({r['share']:.0%}) | {r['static_table_ms']:.1f} | "
+            + " / ".join(f"{ad[k]['table_ms']:.1f}" for k in ("code", "prose", "alternating"))
+            + " | "
+            + " / ".join(f"{r['static_ppl'][k]:.2f}" for k in ("code", "prose", "alternating"))
+            + " | "
+            + " / ".join(f"{ad[k]['ppl']:.2f}" for k in ("code", "prose", "alternating"))
+            + f" | {r['decode_ms_per_token']['static']:.1f} / {r['decode_ms_per_token']['adaptive']:.1f} |"
+        )
+    md += ["", "Share of (token, layer) choices at each MLP width, per corpus:", ""]
+    for r in rows:
+        for k in ("code", "prose", "alternating"):
+            md.append(f"- {r['budget_ms']:.1f} ms, {k}: {r['adaptive'][k]['mlp_share']}")
+    a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(a.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""`flex generate`: text from an elastic checkpoint at a budget. Static routing generates what transformers'
+own greedy `generate` gives at the router's configuration; adaptive routing with a KV cache (per-token
+MLP widths at every decode step, heads fixed at prefill) reproduces a single uncached forward over the
+whole text with the same heads; the CLI streams, defaults ELASTIC from the project file and fails in one
+line on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+from conftest import flex_cmd, small_elastic
+
+from flexcli.commands.generate import GenerateOptions, generate
+from flexcli.elastic.adaptive import DynamicRuntime
+from flexcli.elastic.runtime import load_elastic
+from flexcli.io.source import load_tokenizer
+from flexcli.plan.budget import parse_budget
+from flexcli.router.models import encode_budget
+from flexcli.router.store import load_router
+
+PROMPT = "def parse(text):\n    return"
+
+
+@pytest.fixture
+def routed(tmp_path, tokenizer_dir, calib_file):
+    el, spec, table = small_elastic(tmp_path, tokenizer_dir, calib_file)
+    r = subprocess.run(
+        flex_cmd() + ["train-router", str(el), "--budgets", "60%,80%", "--steps", "20", "--dynamic-steps", "4",
+                      "--sm-warmup", "8", "--seq-len", "32", "--data", str(calib_file), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return el, table
+
+
+def test_static_generation_is_transformers_generate_at_the_router_configuration(routed):
+    el_dir, table = routed
+    pieces: list[str] = []
+    o = GenerateOptions(prompt=PROMPT, budget=parse_budget("60%"), max_new_tokens=12, on_text=pieces.append)
+    res = generate(el_dir, o)
+    assert res.method == "static router" and res.budget_ms == pytest.approx(0.6 * table.full_ms())
+    assert "".join(pieces) == res.text and res.tokens >= 1 and res.ms_per_token > 0
+    el, tok = load_elastic(el_dir), load_tokenizer(el_dir)
+    cfg = [(c["mlp"], c["heads"]) for c in res.config]
+    assert cfg != el.spec.full()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with el.configured(cfg), torch.inference_mode():
+        want = el.model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert res.text == tok.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_adaptive_decode_with_cache_matches_one_uncached_forward(routed):
+    el_dir, table = routed
+    res = generate(
+        el_dir, GenerateOptions(prompt=PROMPT, budget=parse_budget("60%"), adaptive=True, max_new_tokens=10)
+    )
+    assert res.method == "input-adaptive router" and res.tokens == 10
+    assert sum(res.mlp_width_share.values()) == pytest.approx(1.0, abs=1e-3)
+    # the same router over prompt + continuation in one forward, heads fixed to the prefill's choice
+    el, tok = load_elastic(el_dir), load_tokenizer(el_dir)
+    router, doc = load_router(el_dir, "dynamic", table.regime.key)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    rt = DynamicRuntime(el, router)
+    rt.budget = encode_budget(res.budget_ms, doc["targets_ms"])[None]
+    with torch.inference_mode():
+        el.model(input_ids=ids, use_cache=False)
+        rt.fixed_heads = [kh for _, kh in rt.choices]
+        new = torch.cat([ids, torch.tensor([res.token_ids])], dim=1)
+        logits = el.model(input_ids=new[:, :-1], use_cache=False).logits
+    rt.close()
+    assert [h["heads"] for h in res.config] == [
+        el.spec.layers[i].heads[int(k)] for i, k in enumerate(rt.fixed_heads)
+    ]
+    p = ids.shape[1]
+    assert logits[0, p - 1 :].argmax(-1).tolist() == new[0, p:].tolist()
+
+
+def test_cli_streams_defaults_to_the_project_checkpoint_and_fails_in_one_line(routed, tmp_path):
+    el_dir, _ = routed
+    from flexcli.io.project import record
+
+    record(el_dir, "src", cwd=tmp_path)
+
+    def run(*a, **k):
+        return subprocess.run(
+            flex_cmd() + ["generate", *a], cwd=tmp_path, capture_output=True, text=True, **k
+        )
+
+    js = run("--budget", "80%", "--max-new-tokens", "6", PROMPT, "--json")
+    assert js.returncode == 0, js.stderr
+    doc = json.loads(js.stdout)
+    plain = run(str(el_dir), "--budget", "80%", "--max-new-tokens", "6", "-", input=PROMPT)
+    assert plain.returncode == 0 and plain.stdout == doc["text"] + "\n"
+    assert "ms/token" in plain.stderr
+    bad = run(str(el_dir), "--adaptive", PROMPT)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--budget" in bad.stderr
+    low = run(str(el_dir), "--budget", "1%", PROMPT)
+    assert low.returncode == 3
