@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-step bench-profile bench-router bench-extract bench-scale bench-pareto bench-recovery bench-kernels gpu-check gpu-check-dry demo demo-clean lint format clean
+.PHONY: install install-llamacpp test test-llamacpp test-dist test-slow bench bench-real bench-llamacpp bench-train bench-step bench-profile bench-router bench-extract bench-scale bench-pareto bench-recovery bench-kernels bench-adaptive gpu-check gpu-check-dry demo demo-clean lint format clean
 
 install: $(STAMP)
 
@@ -66,6 +66,12 @@ bench-router: install
 
 bench-extract: install
 	$(BIN)/python bench/bench_extract.py
+
+# Static vs input-adaptive routing on an elastic checkpoint with routers (default: make demo's; the results
+# file used routers at 60%,70%,80%, see its note) -> docs/results/adaptive.{md,json}. About 3 minutes.
+ELASTIC ?= demo/SmolLM2-135M-Instruct-elastic
+bench-adaptive: install
+	$(BIN)/python bench/bench_adaptive.py $(ELASTIC) $(BENCH_ADAPTIVE_ARGS)
 
 bench-kernels: install
 	$(BIN)/python bench/bench_kernels.py

@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "adaptive")
+    ap.add_argument(
+        "--note", default="", help="where the checkpoint and its routers came from (into the report)"
+    )
     a = ap.parse_args()
     from flexcli.commands.generate import GenerateOptions, generate
     from flexcli.elastic.evaluate import mean_loss
@@ -98,7 +101,7 @@ def main() -> None:
                      "static_table_ms": round(table.predict(cfg), 2), "static_ppl": static, "adaptive": adaptive,
                      "decode_ms_per_token": {k: round(statistics.median(v), 2) for k, v in dec.items()}})  # fmt: skip
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    res = {"elastic": str(a.elastic), "regime": table.regime.key, "full_ms": table.full_ms(),
+    res = {"elastic": str(a.elastic), "note": a.note, "regime": table.regime.key, "full_ms": table.full_ms(),
            "machine": platform.platform(), "torch": torch.__version__, "samples": a.samples,
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +114,7 @@ def main() -> None:
         "choices; decode ms/token is the median of `flex generate`'s timed steps over "
         f"{len(PROMPTS)} prompts x {a.new_tokens} tokens, static and adaptive alternated.",
         "",
+        *([a.note, ""] if a.note else []),
         "| budget | static ms | adaptive ms (code/prose/alt) | static ppl code/prose/alt | adaptive ppl "
         "code/prose/alt | decode ms/token static / adaptive |",
         "|---|---|---|---|---|---|",
