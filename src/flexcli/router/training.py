@@ -57,7 +57,7 @@ class RouterHyper:
     loss_batches: int = 2  # fixed batches that define a configuration's "true" loss
     p_full: float = P_FULL  # joint stage
     surrogate: bool = True  # False: the static router learns from the LM loss itself (ablation, no SM)
-    dynamic_train: str = "direct"  # direct (LM loss through the gates) | surrogate (the paper's SM gate)
+    dynamic_train: str = "direct"  # direct (LM loss, straight-through the mixture) | surrogate (SM gate)
     # direct: Adam at 1e-2 moved the token-dependent logits (unnormalized hidden states in) so far in 60
     # steps that SmolLM2's ppl rose 10-25% over the static start; at 1e-3 it fell 0-9% on budget
     dynamic_lr: float = 1e-3
@@ -223,9 +223,8 @@ def train_dynamic(
         "mean_sm_rel_err": sum(errs) / max(1, len(errs)),
         "method": h.dynamic_train,
         "started_from_static": static is not None and h.dynamic_init,
-        "final_latency_ratio": sum(tail) / len(tail)
-        if tail
-        else None,  # expected / target (soft probabilities)
+        # the table's latency of the sampled choices (direct) or expected one (surrogate) / the target
+        "final_latency_ratio": sum(tail) / len(tail) if tail else None,
     }
 
 
