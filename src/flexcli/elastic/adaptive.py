@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from flexcli.kernels import grouped_linear
+from flexcli.kernels import grouped_linear, subset_linear
 
 from .runtime import ElasticModel
 
@@ -53,12 +53,19 @@ class GroupedMLP(nn.Module):
             return self.inner(x)
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
         choice = self.token_choice.reshape(-1)
+        gate, up, down = self.proj
+        if choice.numel() == 1:  # decode, one token: its width's prefix GEMMs, nothing to sort or regroup
+            w = self.choices[int(choice[0])]
+            h = self.inner.act_fn(subset_linear(flat, gate.weight, gate.bias, w)) * subset_linear(
+                flat, up.weight, up.bias, w
+            )  # (1, w)
+            out = subset_linear(h, down.weight, down.bias, None, w).view_as(x)
+            return out if self.gate is None else out * self.gate[..., None]
         order = torch.argsort(choice, stable=True)  # rows grouped by width
         ks, counts = torch.unique_consecutive(choice[order], return_counts=True)
         starts = [0] + torch.cumsum(counts, 0)[:-1].tolist()
         widths = [self.choices[k] for k in ks.tolist()]
         xs = flat.index_select(0, order)  # (N, D), sorted
-        gate, up, down = self.proj
         h = self.inner.act_fn(
             grouped_linear(xs, gate.weight, gate.bias, starts, widths, "out")
         ) * grouped_linear(xs, up.weight, up.bias, starts, widths, "out")  # (N, max width)
@@ -80,6 +87,11 @@ class GroupedAttention(nn.Module):
         if self.seq_choice is None:
             return self.inner(hidden_states, *args, **kwargs)
         el, b = self.elastic[0], hidden_states.shape[0]
+        if b == 1:  # one sequence (decode): nothing to group, select or copy back
+            el.set_layer(self.layer, heads=self.choices[int(self.seq_choice[0])])
+            y = self.inner(hidden_states, *args, **kwargs)[0]
+            el.set_layer(self.layer, heads=el.config[self.layer][1])
+            return (y if self.gate is None else y * self.gate[:, None, None]), None
         out = torch.zeros_like(hidden_states)
         for j in torch.unique(self.seq_choice).tolist():
             idx = (self.seq_choice == j).nonzero().squeeze(1)
