@@ -11,26 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from flexcli.demo import flex  # `flex ... --json` in a subprocess, noisy-table refusals retried
 from flexcli.io.layout import PRETRAIN
-
-
-def flex(*args: str, cwd: Path, retries: int = 0) -> dict:
-    """Run one flex command (--json); exit-1 failures (a latency table refused as noisy) are retried."""
-    cmd = [sys.executable, "-m", "flexcli", *args, "--json"]
-    for attempt in range(retries + 1):
-        print(f"$ flex {shlex.join(args)}", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, text=True)
-        if proc.returncode == 0:
-            return json.loads(proc.stdout)
-        if proc.returncode == 1 and attempt < retries:
-            print(f"(attempt {attempt + 1} failed; the machine may be busy: trying again)", file=sys.stderr)
-    sys.exit(f"toy step failed (exit {proc.returncode}): flex {shlex.join(args)}")
 
 
 def pretrain_base(d: Path, size: str, steps: int) -> dict:

@@ -202,7 +202,7 @@ def train_router_cmd(
     dynamic: Annotated[bool, typer.Option("--dynamic/--no-dynamic", help="Train the input-adaptive router.")] = True,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Static router steps.")] = 600,
     dynamic_steps: Annotated[int, typer.Option("--dynamic-steps", min=1, help="Input-adaptive router steps.")] = 200,
-    dynamic_train: Annotated[str, typer.Option("--dynamic-train", help="Input-adaptive router: direct (the frozen LM's loss through straight-through gates, every step) or surrogate (the paper's gated surrogate; an ablation).")] = "direct",
+    dynamic_train: Annotated[str, typer.Option("--dynamic-train", help="Input-adaptive router: direct (the frozen LM's loss at the sampled widths, its gradient through the width mixture, every step) or surrogate (the paper's gated surrogate; an ablation).")] = "direct",
     dynamic_init: Annotated[bool, typer.Option("--dynamic-init/--no-dynamic-init", help="Start the input-adaptive router at the static router's choices.")] = True,
     joint_steps: Annotated[int, typer.Option("--joint-steps", min=0, help="Joint LLM + static router fine-tuning steps (0 = skip).")] = 0,
     sm_warmup: Annotated[int, typer.Option("--sm-warmup", min=8, help="Surrogate warm-up configurations.")] = 256,

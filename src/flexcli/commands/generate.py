@@ -52,9 +52,8 @@ class GenerateResult:
     budget_ms: float | None  # against the table's regime
     regime: str | None
     method: str  # full model | static router | ... | input-adaptive router
-    config: (
-        list[dict[str, int]] | None
-    )  # static: per layer; adaptive: head counts fixed at prefill, mlp = mean
+    # static: per layer; adaptive: the head counts fixed at prefill and each layer's mean MLP width
+    config: list[dict[str, int]] | None
     prefill_ms: float
     ms_per_token: float  # median decode step, router included
     mean_ms_per_token: float
@@ -121,9 +120,7 @@ def _decode(el: ElasticModel, tok, ids: torch.Tensor, o: GenerateOptions, res: G
     from transformers import DynamicCache
 
     model = el.model
-    kw = {
-        cache_kw(model): DynamicCache(config=model.config)
-    }  # the cache argument's name moved in transformers 5
+    kw = {cache_kw(model): DynamicCache(config=model.config)}  # the argument's name moved in transformers 5
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, **kw)
     res.prefill_ms = (time.perf_counter() - t0) * 1e3

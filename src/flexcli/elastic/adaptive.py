@@ -192,16 +192,17 @@ class SoftRuntime:
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pi_mlp (B,S,K), pi_heads (B,J))
         self._old = elastic.config
         elastic.set_config(None)
+        dev = next(elastic.model.parameters()).device  # the masks live there, not moved per call
         self._hooks = []
         for i, layer in enumerate(elastic.layers):
             ls = spec.layers[i]
             m_mask = (
-                torch.arange(d.intermediate_size)[None] < torch.tensor(ls.mlp)[:, None]
-            ).float()  # (K, I)
+                (torch.arange(d.intermediate_size)[None] < torch.tensor(ls.mlp)[:, None]).float().to(dev)
+            )  # (K, I)
             h_mask = torch.zeros(len(ls.heads), d.num_heads)
             for j, h in enumerate(ls.heads):
                 h_mask[j, spec.head_index(h)[0]] = 1.0
-            h_mask = h_mask.repeat_interleave(d.head_dim, dim=1)  # (J, H * head_dim)
+            h_mask = h_mask.repeat_interleave(d.head_dim, dim=1).to(dev)  # (J, H * head_dim)
             slot: dict[str, torch.Tensor] = {}
             self._hooks += [
                 layer.register_forward_pre_hook(self._route(i, slot), with_kwargs=True),
@@ -231,7 +232,7 @@ class SoftRuntime:
     def _scale(slot: dict, key: str, mask: torch.Tensor):
         def pre(_mod, args):
             p = slot[key]
-            return (args[0] * (p @ mask.to(p.device)).to(args[0].dtype),)  # (B, S, I) or (B, S, H*hd)
+            return (args[0] * (p @ mask).to(args[0].dtype),)  # (B, S, I) or (B, S, H*hd)
 
         return pre
 

@@ -179,9 +179,14 @@ def train_dynamic(
         init_from_static(router, static, len(targets))
     direct = h.dynamic_train == "direct"
     opt = torch.optim.Adam(router.parameters(), lr=h.dynamic_lr if direct else h.lr)
-    rt: Any = SoftRuntime(elastic, router) if direct else DynamicRuntime(elastic, router)
-    rt.soft, rt.generator = True, g
-    rt.hard = h.dynamic_hard
+    rt: SoftRuntime | DynamicRuntime
+    if direct:
+        rt = SoftRuntime(elastic, router)
+        rt.hard = h.dynamic_hard
+    else:
+        rt = DynamicRuntime(elastic, router)
+        rt.soft = True
+    rt.generator = g
     model = elastic.model
     model.requires_grad_(False)
     updates, errs, lat_ratio = 0, [], []
