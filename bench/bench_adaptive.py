@@ -6,7 +6,12 @@ tokens at each MLP width per corpus (does it spend width where the text is hard?
 ms/token from `flex generate`'s own loop (greedy, KV cache, router inside the timed step), static and
 adaptive alternated prompt by prompt so drift hits both alike.
 
-    python bench/bench_adaptive.py ELASTIC   (routers trained for its newest table, e.g. by make demo)
+    python bench/bench_adaptive.py ELASTIC [--regime KEY]   (routers trained for that table, e.g. by make demo)
+
+Against a decode table (`flex profile --phase decode`, routers trained for it) the budgets are ms per
+token, and the latency model is checked: `flex generate`'s predicted ms/token (static: the table's
+latency of the configuration; adaptive: the table's mean over each step's choices plus the router's
+measured cost per step) against its measured steps, prompt by prompt.
 """
 
 from __future__ import annotations
@@ -39,13 +44,14 @@ def alternating(code: torch.Tensor, prose: torch.Tensor, chunk: int = 64) -> tor
 
 
 @torch.no_grad()
-def adaptive_stats(el, router, table, targets, ms, seqs) -> dict:
-    """Held-out ppl, mean table latency and per-width token share of adaptive routing at `ms`."""
+def adaptive_stats(el, router, table, targets, ms, seqs, overhead_ms: float) -> dict:
+    """Held-out ppl, mean table latency (+ the router's cost per step) and per-width token share of
+    adaptive routing at `ms`."""
     from flexcli.elastic.adaptive import DynamicRuntime
     from flexcli.router.models import encode_budget
     from flexcli.router.training import eval_dynamic
 
-    loss, lat = eval_dynamic(el, router, table, targets, ms, seqs)
+    loss, lat = eval_dynamic(el, router, table, targets, ms, seqs, overhead_ms=overhead_ms)
     rt = DynamicRuntime(el, router)
     rt.budget = encode_budget(ms, targets)[None].expand(seqs.shape[0], -1)
     el.model(input_ids=seqs, use_cache=False)
@@ -62,6 +68,7 @@ def main() -> None:
     ap.add_argument("elastic", type=Path)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--regime", help="the latency table (and its routers) [default: the newest]")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "adaptive")
     ap.add_argument(
         "--note", default="", help="where the checkpoint and its routers came from (into the report)"
@@ -77,10 +84,11 @@ def main() -> None:
     from flexcli.router.store import load_router
 
     torch.manual_seed(0)
-    el, tok, table = load_elastic(a.elastic), load_tokenizer(a.elastic), load_table(a.elastic)
+    el, tok, table = load_elastic(a.elastic), load_tokenizer(a.elastic), load_table(a.elastic, a.regime)
     st, doc = load_router(a.elastic, "static", table.regime.key)
     dyn, _ = load_router(a.elastic, "dynamic", table.regime.key)
     targets = doc["targets_ms"]
+    overhead = ((doc["report"].get("dynamic") or {}).get("router_step_ms")) or 0.0
     corp = heldout_text(tok, a.samples, 256)
     corp["alternating"] = alternating(corp["code"], corp["prose"])
     rows = []
@@ -88,20 +96,26 @@ def main() -> None:
         cfg = static_config(st, el.spec, targets, ms)
         with el.configured(cfg):
             static = {k: round(math.exp(mean_loss(el.model, v)), 3) for k, v in corp.items()}
-        adaptive = {k: adaptive_stats(el, dyn, table, targets, ms, v) for k, v in corp.items()}
+        adaptive = {k: adaptive_stats(el, dyn, table, targets, ms, v, overhead) for k, v in corp.items()}
         b = parse_budget(f"{ms}ms")
         dec: dict[str, list[float]] = {"static": [], "adaptive": []}
+        pred: dict[str, list[float]] = {"static": [], "adaptive": []}
         for p in PROMPTS:  # alternated prompt by prompt
             for kind in ("static", "adaptive"):
-                o = GenerateOptions(
-                    prompt=p, budget=b, adaptive=kind == "adaptive", max_new_tokens=a.new_tokens
-                )
-                dec[kind].append(generate(a.elastic, o).ms_per_token)
+                o = GenerateOptions(prompt=p, budget=b, adaptive=kind == "adaptive", max_new_tokens=a.new_tokens,
+                                    regime=table.regime.key)  # fmt: skip
+                g = generate(a.elastic, o)
+                dec[kind].append(g.ms_per_token)
+                pred[kind].append(g.predicted_ms)
         rows.append({"budget_ms": round(ms, 2), "share": round(ms / table.full_ms(), 3),
                      "static_table_ms": round(table.predict(cfg), 2), "static_ppl": static, "adaptive": adaptive,
-                     "decode_ms_per_token": {k: round(statistics.median(v), 2) for k, v in dec.items()}})  # fmt: skip
+                     "decode_ms_per_token": {k: round(statistics.median(v), 2) for k, v in dec.items()},
+                     "decode_predicted_ms_per_token": {k: round(statistics.median(v), 2) for k, v in pred.items()},
+                     # the latency model, prompt by prompt: predicted / measured - 1
+                     "decode_model_error": {k: [round(p / m - 1, 4) for p, m in zip(pred[k], dec[k])] for k in dec}})  # fmt: skip
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     res = {"elastic": str(a.elastic), "note": a.note, "regime": table.regime.key, "full_ms": table.full_ms(),
+           "router_step_ms": overhead,
            "machine": platform.platform(), "torch": torch.__version__, "samples": a.samples,
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}  # fmt: skip
     a.out.parent.mkdir(parents=True, exist_ok=True)
@@ -111,13 +125,15 @@ def main() -> None:
         "",
         f"{a.elastic.name}, latency table `{table.regime.key}` (full {table.full_ms():.1f} ms). Held-out ppl on "
         f"{a.samples} x 256 tokens per corpus; adaptive latency is the table's mean over its per-token "
-        "choices; decode ms/token is the median of `flex generate`'s timed steps over "
-        f"{len(PROMPTS)} prompts x {a.new_tokens} tokens, static and adaptive alternated.",
+        f"choices{f' plus the router cost per step, {overhead:.2f} ms' if overhead else ''}; decode ms/token is "
+        "the median of `flex generate`'s timed steps over "
+        f"{len(PROMPTS)} prompts x {a.new_tokens} tokens, static and adaptive alternated; predicted is "
+        "generate's latency model for the same steps (the table's regime).",
         "",
         *([a.note, ""] if a.note else []),
         "| budget | static ms | adaptive ms (code/prose/alt) | static ppl code/prose/alt | adaptive ppl "
-        "code/prose/alt | decode ms/token static / adaptive |",
-        "|---|---|---|---|---|---|",
+        "code/prose/alt | decode ms/token static / adaptive | predicted static / adaptive |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ad = r["adaptive"]
@@ -128,8 +144,12 @@ def main() -> None:
             + " / ".join(f"{r['static_ppl'][k]:.2f}" for k in ("code", "prose", "alternating"))
             + " | "
             + " / ".join(f"{ad[k]['ppl']:.2f}" for k in ("code", "prose", "alternating"))
-            + f" | {r['decode_ms_per_token']['static']:.1f} / {r['decode_ms_per_token']['adaptive']:.1f} |"
+            + f" | {r['decode_ms_per_token']['static']:.1f} / {r['decode_ms_per_token']['adaptive']:.1f}"
+            + f" | {r['decode_predicted_ms_per_token']['static']:.1f} / {r['decode_predicted_ms_per_token']['adaptive']:.1f} |"
         )
+    errs = {k: [e for r in rows for e in r["decode_model_error"][k]] for k in ("static", "adaptive")}
+    md += ["", "Latency model (predicted / measured ms per token - 1, over every prompt and budget): " + "; ".join(
+        f"{k} median {statistics.median(v):+.1%}, worst {max(v, key=abs):+.1%}" for k, v in errs.items()) + "."]  # fmt: skip
     md += ["", "Share of (token, layer) choices at each MLP width, per corpus:", ""]
     for r in rows:
         for k in ("code", "prose", "alternating"):

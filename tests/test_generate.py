@@ -99,3 +99,42 @@ def test_cli_streams_defaults_to_the_project_checkpoint_and_fails_in_one_line(ro
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--budget" in bad.stderr
     low = run(str(el_dir), "--budget", "1%", PROMPT)
     assert low.returncode == 3
+
+
+def test_decode_table_latency_model_adds_the_router_cost(tmp_path, tokenizer_dir, calib_file):
+    """Against a PyTorch decode table, train-router measures the router's cost per step and both its
+    adaptive report and generate's prediction are the table's latency of the choices plus that cost."""
+    from dataclasses import replace
+
+    from flexcli.latency.table import save_table
+
+    el, _, table = small_elastic(tmp_path, tokenizer_dir, calib_file)
+    dec = replace(table, regime=replace(table.regime, seq_len=1, phase="decode", kv_len=16))
+    save_table(el, dec)
+    r = subprocess.run(
+        flex_cmd() + ["train-router", str(el), "--regime", dec.regime.key, "--budgets", "60%", "--steps", "10",
+                      "--dynamic-steps", "2", "--sm-warmup", "8", "--seq-len", "32", "--data", str(calib_file),
+                      "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    overhead = doc["dynamic"]["router_step_ms"]
+    assert overhead > 0
+    o = GenerateOptions(
+        prompt=PROMPT, budget=parse_budget("60%"), adaptive=True, max_new_tokens=6, regime=dec.regime.key
+    )
+    res = generate(el, o)
+    assert res.router_ms == overhead
+    # the table's part lies between its smallest and its full configuration's latency
+    assert dec.smallest_ms() <= res.predicted_ms - overhead <= dec.full_ms()
+
+
+def test_router_skips_the_head_half_when_heads_are_fixed():
+    from flexcli.router.models import DynamicRouter
+
+    d = DynamicRouter(2, 3, 64, 7, 4)
+    x, b = torch.randn(1, 1, 64), torch.eye(2)[:1]
+    km, kh, _, _ = d.choose(1, x, b)
+    km2, kh2, _, _ = d.choose(1, x, b, heads=False)
+    assert torch.equal(km, km2) and kh is not None and kh2 is None

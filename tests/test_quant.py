@@ -198,6 +198,47 @@ def test_importance_matrix_matches_a_hand_computed_one(tmp_path, tokenizer_dir, 
         np.testing.assert_allclose(got[name], v, rtol=2e-4, atol=1e-7, err_msg=name)
 
 
+def test_mixed_neuron_order_keeps_the_function_and_its_importance_matrix(tmp_path, tokenizer_dir, calib_file):
+    """With an importance matrix, a quantized file's MLP neurons are reordered so every 32-block spans the
+    importance range: the reordered sub-model computes the same logits, and the matrix computed on it is
+    the sub-model's matrix in the same order."""
+    import copy
+
+    from flexcli.arch.family import by_family
+    from flexcli.elastic.runtime import load_elastic
+    from flexcli.elastic.slicing import planned_specs, sliced_model, stream_sliced
+    from flexcli.io.gguf_export import plan_gguf
+    from flexcli.io.source import SourceModel
+    from flexcli.runtimes.imatrix import collect, gguf_names
+    from flexcli.runtimes.llamacpp import _mixed_imatrix, _mixed_neurons
+
+    p = quant.mixed_order(100)
+    assert sorted(p.tolist()) == list(range(100)) and p[:4].tolist() == [0, 4, 8, 12]  # 4 blocks, strided
+    el_path, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 2, tied=True)
+    cfg = [(spec.layers[0].mlp[1], 8), spec.full()[0], (spec.layers[0].mlp[-1], 4)]
+    src, arch = SourceModel.open(el_path), by_family("llama")
+    el = load_elastic(el_path)
+    sub = sliced_model(el.model, arch, spec, cfg)
+    mixed = copy.deepcopy(sub)
+    state = dict(_mixed_neurons(stream_sliced(src, spec, cfg), arch))
+    assert not torch.equal(
+        state["model.layers.0.mlp.down_proj.weight"], sub.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    )
+    mixed.load_state_dict(state, strict=False)
+    seqs = torch.randint(0, spec.dims.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            mixed(input_ids=seqs).logits, sub(input_ids=seqs).logits, atol=1e-5, rtol=1e-5
+        )
+    plan = plan_gguf("llama", src.config, spec, cfg, planned_specs(src, spec, cfg), "f32")
+    names = gguf_names(plan.tensors, tied=True)
+    want, got = collect(mixed, seqs, names), _mixed_imatrix(collect(sub, seqs, names), plan.tensors, arch)
+    assert set(got) == set(want)
+    for g in want:
+        np.testing.assert_allclose(got[g], want[g], rtol=1e-4, atol=1e-7, err_msg=g)
+    assert not np.allclose(got["blk.0.ffn_down.weight"], collect(sub, seqs, names)["blk.0.ffn_down.weight"])
+
+
 def test_quantized_types_need_llama_cpp_and_leave_nothing(tmp_path, tokenizer_dir, calib_file, monkeypatch):
     import flexcli.runtimes.llamacpp as lc
 

@@ -5,6 +5,11 @@ compensation) runs in the elastic runtime. Adaptive: the input-adaptive router p
 width per layer at every decode step (one token, M = 1) from the hidden state entering the layer; head
 counts are chosen once per sequence at prefill and kept, so the KV cache stays consistent. The router
 runs inside the timed step, so its cost is in the measured ms/token. Greedy decoding.
+
+Against a decode table (`flex profile --phase decode`), the predicted ms/token is the latency model that
+router training targets: static, the table's latency of the configuration; adaptive, the table's latency
+of each step's choices averaged over the steps, plus the router's own cost per step (measured by
+`flex train-router` on this device). bench/bench_adaptive.py checks both against the measured steps.
 """
 
 from __future__ import annotations
@@ -57,7 +62,10 @@ class GenerateResult:
     prefill_ms: float
     ms_per_token: float  # median decode step, router included
     mean_ms_per_token: float
-    predicted_ms: float | None  # the table's latency of `config` (its regime; static) or mean of the choices
+    # the table's latency of `config` (static), or of each step's choices averaged over the steps plus
+    # the router's own cost per step when the table is a decode one (adaptive: the latency model)
+    predicted_ms: float | None
+    router_ms: float | None = None  # adaptive: the router's cost per decode step, measured by train-router
     mlp_width_share: dict[str, float] = field(default_factory=dict)  # adaptive: share of (token, layer)
     token_ids: list[int] = field(default_factory=list)  # generated
 
@@ -105,6 +113,8 @@ def generate(path: Path, o: GenerateOptions, reporter: Reporter | None = None) -
     router, doc = found
     ((_, ms),) = latency_budgets_ms([o.budget], table)
     res.method, res.regime, res.budget_ms = "input-adaptive router", table.regime.key, ms
+    if table.regime.phase == "decode":  # a per-step table: the router's per-step cost belongs beside it
+        res.router_ms = ((doc.get("report") or {}).get("dynamic") or {}).get("router_step_ms")
     rt = DynamicRuntime(el, router)
     rt.budget = encode_budget(ms, doc["targets_ms"])[None]
     try:
@@ -177,5 +187,5 @@ def _adaptive_summary(el: ElasticModel, rt: DynamicRuntime, res: GenerateResult,
     steps = len(per_layer[0])
     pred = [
         table.predict([(mlp[per_layer[i][s]], heads[i]) for i in range(L)]) for s in range(steps)
-    ]  # the table's regime (e.g. a 128-token prefill), per decode step's choices
-    res.predicted_ms = sum(pred) / len(pred)
+    ]  # the table's regime (a decode step, or e.g. a 128-token prefill), per decode step's choices
+    res.predicted_ms = sum(pred) / len(pred) + (res.router_ms or 0.0)

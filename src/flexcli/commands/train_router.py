@@ -170,7 +170,8 @@ def train_router(
     held_true = [oracle(c) for c in held]
     st_router, st_stats, dyn_router, dyn_stats = _train_routers(run, o, oracle, sm, rep)
     rho = sm_spearman(sm, spec, held, held_true)
-    reports = _report(run, budget_ms, st_router, dyn_router, rep)
+    overhead = ((dyn_stats or {}).get("router_step_ms")) or 0.0
+    reports = _report(run, budget_ms, st_router, dyn_router, rep, overhead)
     joint_stats = None
     if h.joint_steps and st_router is not None:
         joint_stats = train_joint(run.elastic, st_router, table, run.targets, run.tokens, h, rep)
@@ -272,9 +273,10 @@ def _report(
     st_router: StaticRouter | None,
     dyn_router: DynamicRouter | None,
     rep: Reporter,
+    overhead_ms: float = 0.0,
 ) -> list[BudgetReport]:
     """Held-out perplexity per budget: the router's choice, the best uniform configuration at its LUT
-    latency, and input-adaptive routing."""
+    latency, and input-adaptive routing (its latency with the router's per-step cost `overhead_ms`)."""
     spec, table, full = run.elastic.spec, run.table, run.table.full_ms()
     held_loss = LossOracle(run.elastic, run.heldout, run.bank)  # cached held-out loss per configuration
     reports = []
@@ -296,7 +298,9 @@ def _report(
                 math.exp(held_loss(uni)),
             )
             if dyn_router is not None and ms < full:
-                dl, dlat = eval_dynamic(run.elastic, dyn_router, table, run.targets, ms, run.heldout)
+                dl, dlat = eval_dynamic(
+                    run.elastic, dyn_router, table, run.targets, ms, run.heldout, overhead_ms=overhead_ms
+                )
                 r.dynamic_ppl, r.dynamic_mean_latency_ms = math.exp(dl), dlat
             reports.append(r)
             task.advance(1)

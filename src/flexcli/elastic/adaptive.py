@@ -32,7 +32,7 @@ class LayerRouter(Protocol):
     decides, the runtime executes."""
 
     def choose(self, layer: int, x: torch.Tensor, budget: torch.Tensor, tau: float | None = None,
-               g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, Any, Any]: ...  # fmt: skip
+               g: torch.Generator | None = None, heads: bool = True) -> tuple[torch.Tensor, Any, Any, Any]: ...  # fmt: skip
 
 
 class GroupedMLP(nn.Module):
@@ -148,8 +148,10 @@ class DynamicRuntime:
                 return
             x = args[0] if args else kwargs["hidden_states"]  # (B, S, D)
             budget = self.budget.to(x.device)
+            # decode: the head counts chosen at prefill, the head half of the router not asked
+            fixed = self.fixed_heads is not None and not self.soft
             km, kh, pm, ph = self.router.choose(
-                i, x.detach(), budget, self.tau if self.soft else None, self.generator
+                i, x.detach(), budget, self.tau if self.soft else None, self.generator, heads=not fixed
             )
             if pm is not None:  # soft: straight-through gates carry the chosen probabilities' gradient
                 self.records.append((pm, ph))

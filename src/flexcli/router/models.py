@@ -88,30 +88,31 @@ class DynamicRouter(nn.Module):
         self.prior_att = nn.Parameter(torch.zeros(n_targets, n_layers, n_heads))
 
     def layer_logits(
-        self, layer: int, x: torch.Tensor, budget: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, layer: int, x: torch.Tensor, budget: torch.Tensor, heads: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, S, D) hidden state entering `layer`; budget: (B, n_targets).
 
-        Returns (per-token MLP logits (B, S, K), per-sequence head logits (B, J)).
+        Returns (per-token MLP logits (B, S, K), per-sequence head logits (B, J); None without `heads`:
+        decode steps keep the head counts chosen at prefill and skip that half of the router).
         """
         e = self.emb(budget)  # (B, E)
         x = x.float()
         tok = torch.cat([x, e[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
+        lm = self.mlp[layer](tok) + (budget.float() @ self.prior_mlp[:, layer])[:, None, :]  # (B, S, K)
+        if not heads:
+            return lm, None
         seq = torch.cat([x.mean(dim=1), e], dim=-1)
-        pm, ph = (
-            budget.float() @ self.prior_mlp[:, layer],
-            budget.float() @ self.prior_att[:, layer],
-        )  # (B, K), (B, J)
-        return self.mlp[layer](tok) + pm[:, None, :], self.att[layer](seq) + ph
+        return lm, self.att[layer](seq) + budget.float() @ self.prior_att[:, layer]  # (B, J)
 
     def choose(self, layer: int, x: torch.Tensor, budget: torch.Tensor, tau: float | None = None,
-               g: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:  # fmt: skip
+               g: torch.Generator | None = None, heads: bool = True) -> tuple[torch.Tensor, Any, Any, Any]:  # fmt: skip
         """(per-token MLP choice (B, S), per-sequence head choice (B,), and with `tau` their Gumbel-softmax
         probabilities (B, S, K) / (B, J), else None) at `layer`: the argmax of the logits, or of the
-        Gumbel-perturbed probabilities when training (soft routing)."""
-        lm, lh = self.layer_logits(layer, x, budget)
+        Gumbel-perturbed probabilities when training (soft routing). Without `heads` (inference only)
+        the head choice is None."""
+        lm, lh = self.layer_logits(layer, x, budget, heads)
         if tau is None:
-            return lm.argmax(-1), lh.argmax(-1), None, None
+            return lm.argmax(-1), None if lh is None else lh.argmax(-1), None, None
         pm, ph = gumbel_probs(lm, tau, g), gumbel_probs(lh, tau, g)
         return pm.argmax(-1), ph.argmax(-1), pm, ph
 

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from ..arch.spec import ElasticSpec
-from ..elastic.adaptive import DynamicRuntime, SoftRuntime
+from ..elastic.adaptive import DynamicRuntime, LayerRouter, SoftRuntime
 from ..elastic.runtime import ElasticModel
 from ..latency.table import LatencyTable
+from ..latency.timing import TimingPolicy, time_fn
 from ..progress import Reporter
 from ..recipe import P_FULL
 from ..train.loop import lm_loss, sample_batch
@@ -178,6 +179,7 @@ def train_dynamic(
     if static is not None and h.dynamic_init:
         init_from_static(router, static, len(targets))
     direct = h.dynamic_train == "direct"
+    overhead = router_overhead_ms(elastic, router, table, len(targets))
     opt = torch.optim.Adam(router.parameters(), lr=h.dynamic_lr if direct else h.lr)
     rt: SoftRuntime | DynamicRuntime
     if direct:
@@ -203,7 +205,7 @@ def train_dynamic(
                 pm = [r[0].mean(dim=(0, 1)) for r in rt.records]  # (K,) per layer
                 ph = [r[1].mean(dim=0) for r in rt.records]  # (J,) per layer
                 feat = torch.cat([torch.stack(pm), torch.stack(ph)], dim=-1).flatten()
-                expected = table.expected(pm, ph)
+                expected = table.expected(pm, ph) + overhead  # a decode step: the router runs in it
                 lat_ratio.append(expected.item() / targets[t])
                 if direct:
                     with torch.no_grad():  # the SM's error on the adaptive router's features, reported
@@ -230,7 +232,42 @@ def train_dynamic(
         "started_from_static": static is not None and h.dynamic_init,
         # the table's latency of the sampled choices (direct) or expected one (surrogate) / the target
         "final_latency_ratio": sum(tail) / len(tail) if tail else None,
+        "router_step_ms": overhead if overhead else None,
     }
+
+
+@torch.inference_mode()
+def router_step_ms(router: LayerRouter, n_layers: int, hidden_size: int, n_targets: int,
+                   device: torch.device | str = "cpu") -> float:  # fmt: skip
+    """Milliseconds one decode step spends routing, as `flex generate` runs it: every layer's MLP-width
+    choice for one token (head counts fixed at prefill, that half of the router skipped) read back to the
+    host, where GroupedMLP picks the width's slices. The adaptive latency model's term beside the table's
+    (the table times the network at fixed widths, without a router)."""
+    x = torch.randn(1, 1, hidden_size, device=device)  # (B=1, S=1, D)
+    budget = torch.zeros(1, n_targets, device=device)
+    budget[0, 0] = 1.0
+
+    def step() -> None:
+        for i in range(n_layers):
+            km = router.choose(i, x, budget, heads=False)[0]
+            int(km[0, 0])
+
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    return time_fn(step, sync, TimingPolicy(repeats=9)).ms
+
+
+def router_overhead_ms(
+    elastic: ElasticModel, router: DynamicRouter, table: LatencyTable, n_targets: int
+) -> float:
+    """The router's own cost per step in `table`'s regime: measured on this device for a PyTorch decode
+    table of it (one token per step, the step the table times without a router), else 0 (a prefill
+    table's forward routes every token of it at once; another runtime or device runs no router here).
+    The adaptive latency model is the table's latency of the choices plus this."""
+    r, dev = table.regime, next(elastic.model.parameters()).device
+    if (r.runtime, r.device, r.phase) != ("torch", dev.type, "decode"):
+        return 0.0
+    d = elastic.spec.dims
+    return router_step_ms(router, d.num_layers, d.hidden_size, n_targets, dev)
 
 
 @torch.no_grad()
@@ -242,10 +279,12 @@ def eval_dynamic(
     budget_ms: float,
     seqs: torch.Tensor,
     batch: int = 8,
+    overhead_ms: float = 0.0,
 ) -> tuple[float, float]:
     """(held-out mean loss, mean predicted latency) of input-adaptive routing at `budget_ms`.
 
-    Latency per sequence = fixed + sum over layers of the mean over its tokens of entry[mlp_t][heads_seq].
+    Latency per sequence = fixed + sum over layers of the mean over its tokens of entry[mlp_t][heads_seq]
+    (+ `overhead_ms`, the router's cost per step of a decode table: router_overhead_ms).
     """
     rt = DynamicRuntime(elastic, router)
     total, count, lat = 0.0, 0, []
@@ -263,7 +302,7 @@ def eval_dynamic(
                 ms = table.fixed_ms
                 for i, (km, kh) in enumerate(rt.choices):
                     ms += sum(table.ms[i][k][int(kh[s])] for k in km[s].tolist()) / km.shape[1]
-                lat.append(ms * table.scale)
+                lat.append(ms * table.scale + overhead_ms)
     finally:
         rt.close()
     return total / count, sum(lat) / len(lat)

@@ -175,6 +175,10 @@ def write_file(
     mid = path if not t.quantized else path.with_name(path.name + f".{first}")
     sliced = stream_sliced(src, spec, _whole(spec, cfg), job.overrides)
     stream = ((k, x) for k, x in sliced if keep is None or keep(k))
+    # MLP neurons reordered within the file for the 32-value block types (quant.mixed_order)
+    mix = t.quantized and imatrix == "sub-model" and t.block == quant.MIX_BLOCK
+    if mix:
+        stream = _mixed_neurons(stream, src.arch)
     params = write_gguf(
         mid, plan, stream, src.config, spec, cfg, first, job.elastic, job.label, job.provenance
     )
@@ -190,6 +194,7 @@ def write_file(
             im = sub_model_imatrix(
                 job.elastic, cfg, plan.tensors, tied, job.options.imatrix_tokens, job.overrides
             )
+            im = _mixed_imatrix(im, plan.tensors, src.arch) if mix else im
         elif imatrix == "uniform":
             from .imatrix import gguf_names
 
@@ -201,6 +206,27 @@ def write_file(
         mid.unlink(missing_ok=True)
         raise
     return params, report, mid, plan
+
+
+def _mixed_neurons(stream, arch):
+    """Every MLP-neuron tensor of each layer reordered along its neuron axis by quant.mixed_order (the
+    same order for gate, up and down: the file computes what the sliced model computes)."""
+    for name, x in stream:
+        hit = arch.locate(name)
+        if hit is not None and hit[1] == "neuron":
+            x = x.index_select(hit[2].dim, quant.mixed_order(x.shape[hit[2].dim])).contiguous()
+        yield name, x
+
+
+def _mixed_imatrix(im: dict[str, np.ndarray], plan_tensors, arch) -> dict[str, np.ndarray]:
+    """The importance matrix of a file written through _mixed_neurons: the entries whose input is the
+    MLP neurons (ffn_down) in the file's order."""
+    out = dict(im)
+    for hf, g, _, _ in plan_tensors:
+        hit = arch.locate(hf)
+        if g in out and hit is not None and hit[1] == "neuron" and hit[2].dim == 1:
+            out[g] = out[g][quant.mixed_order(len(out[g])).numpy()]
+    return out
 
 
 def _shape_note(report: quant.QuantReport, spec: ElasticSpec) -> dict[str, Any]:
