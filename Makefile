@@ -69,6 +69,8 @@ bench-extract: install
 
 # Static vs input-adaptive routing on an elastic checkpoint with routers (default: make demo's; the results
 # file used routers at 60%,70%,80%, see its note) -> docs/results/adaptive.{md,json}. About 3 minutes.
+# Against a decode table and its routers: BENCH_ADAPTIVE_ARGS="--regime KEY --out docs/results/adaptive_decode"
+# (the committed one: 11 min for the profile, train-router and this, on 2 cores).
 ELASTIC ?= demo/SmolLM2-135M-Instruct-elastic
 bench-adaptive: install
 	$(BIN)/python bench/bench_adaptive.py $(ELASTIC) $(BENCH_ADAPTIVE_ARGS)
@@ -83,9 +85,11 @@ bench-scale: install
 	$(BIN)/python bench/bench_scale.py $(BENCH_SCALE_ARGS)
 
 # Decode ms vs held-out ppl at every llama.cpp quantization: the full model at every type, flexcli's widths x
-# types with and without the importance matrix, budgets per table type (SmolLM2 from PyPI + the demo model)
-# -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png. SmolLM2 alone took 66 min on 2 cores
-# (BENCH_PARETO_ARGS=--models smollm2; --quick for a smoke run).
+# types with and without the importance matrix, budgets per table type (SmolLM2 from PyPI, converted as make
+# demo converts it; BENCH_PARETO_ARGS=--models smollm2,toy adds the toy model; --quick for a smoke run)
+# -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png. On 2 cores: the conversions about
+# 15 min, the 29 full-model files 21 min, each table 40-45 min (profile, router, about 1.3 min per compensated
+# sub-model file): about 2.5 hours in all.
 bench-pareto: install-llamacpp
 	$(BIN)/python bench/bench_pareto.py $(BENCH_PARETO_ARGS)
 

@@ -415,7 +415,8 @@ def report(results: dict, out: Path) -> None:
         t = r["targets"]
         lines += [f"## {name}", "", f"Measured {r.get('created', results['created'])}. "
                   f"Reference {r['reference']['file']}: median {r['reference']['median_ms']:.2f} ms, "
-                  f"drift over the run {r['reference']['drift']:.0%}.", ""]  # fmt: skip
+                  f"drift over the run {r['reference']['drift']:.0%}." + (f" {r['note']}." if r.get("note") else ""),
+                  ""]  # fmt: skip
         lines += ["| group | model | type | imatrix | x ref | ms | ppl code | ppl prose | bpw | MiB | fallbacks |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for p in sorted(r["points"], key=lambda p: (p["group"], p["label"], p["ratio"])):
