@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# the pytest script, not `python -m pytest`: -m puts the repository root on sys.path, where kernels/ would
+# shadow an installed package of that name (Hugging Face's `kernels`, which newer transformers import)
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 # llama.cpp through llama-cpp-python (an sdist: builds llama.cpp with cmake and a C++ compiler, about
 # 10 minutes on 2 cores, once). Built for this CPU without its AMX kernels: on CPUs with AMX-INT8 (this
@@ -35,14 +37,14 @@ $(LLAMACPP_STAMP): $(STAMP)
 
 # The llama.cpp tier: exported GGUF files run in a real llama.cpp (kept out of `make test`).
 test-llamacpp: install-llamacpp
-	$(BIN)/python -m pytest -q -m llamacpp
+	$(BIN)/pytest -q -m llamacpp
 
 test-dist: install
-	$(BIN)/python -m pytest -q -m dist
+	$(BIN)/pytest -q -m dist
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
-	$(BIN)/python -m pytest -q tests/test_fuzz.py
+	$(BIN)/pytest -q -m slow
+	$(BIN)/pytest -q tests/test_fuzz.py
 
 # The paper's claims at small scale -> docs/RESULTS.md, docs/results/bench.json, docs/results/plots/.
 # BENCH_SCALE=0.25 is a quick smoke run, BENCH_SCALE=2 a larger one (default 1: 20-45 min on 2 CPU cores, depending on the CPU).
