@@ -81,14 +81,14 @@ def main() -> None:
     from flexcli.latency.table import load_table
     from flexcli.plan.budget import parse_budget
     from flexcli.router.models import static_config
-    from flexcli.router.store import load_router
+    from flexcli.router.store import load_router, router_cost_ms
 
     torch.manual_seed(0)
     el, tok, table = load_elastic(a.elastic), load_tokenizer(a.elastic), load_table(a.elastic, a.regime)
     st, doc = load_router(a.elastic, "static", table.regime.key)
     dyn, _ = load_router(a.elastic, "dynamic", table.regime.key)
     targets = doc["targets_ms"]
-    overhead = ((doc["report"].get("dynamic") or {}).get("router_step_ms")) or 0.0
+    overhead = router_cost_ms(doc) or 0.0
     corp = heldout_text(tok, a.samples, 256)
     corp["alternating"] = alternating(corp["code"], corp["prose"])
     rows = []

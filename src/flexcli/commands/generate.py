@@ -34,7 +34,7 @@ from ..plan.budget import Budget
 from ..plan.search import Request, latency_budgets_ms, optional_table, resolve_targets
 from ..progress import Reporter
 from ..router.models import encode_budget
-from ..router.store import load_router
+from ..router.store import load_router, router_cost_ms
 
 
 @dataclass(kw_only=True)
@@ -113,8 +113,7 @@ def generate(path: Path, o: GenerateOptions, reporter: Reporter | None = None) -
     router, doc = found
     ((_, ms),) = latency_budgets_ms([o.budget], table)
     res.method, res.regime, res.budget_ms = "input-adaptive router", table.regime.key, ms
-    if table.regime.phase == "decode":  # a per-step table: the router's per-step cost belongs beside it
-        res.router_ms = ((doc.get("report") or {}).get("dynamic") or {}).get("router_step_ms")
+    res.router_ms = router_cost_ms(doc)  # measured for PyTorch decode tables only
     rt = DynamicRuntime(el, router)
     rt.budget = encode_budget(ms, doc["targets_ms"])[None]
     try:

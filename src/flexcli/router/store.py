@@ -133,3 +133,10 @@ def load_router(
     if got.unexpected_keys or set(got.missing_keys) - {"prior_mlp", "prior_att"}:
         r.load_state_dict(sd)  # raises, naming the mismatch
     return r.eval(), doc
+
+
+def router_cost_ms(doc: dict[str, Any]) -> float | None:
+    """The input-adaptive router's own cost per decode step, as train-router measured and trained with it
+    (router.training.router_overhead_ms); None when it was not measured: its table is not a PyTorch decode
+    table of the device it trained on, so the table's latency is the whole latency model."""
+    return ((doc.get("report") or {}).get("dynamic") or {}).get("router_step_ms")
