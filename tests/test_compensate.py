@@ -238,3 +238,40 @@ def test_sequential_refit_uses_the_sub_networks_own_inputs(tmp_path, tokenizer_d
         return (out - ref).pow(2).mean().item()
 
     assert err(seq) < err(par) < err({})
+
+
+def test_moments_are_kept_for_the_same_weights_and_text(tmp_path, tokenizer_dir, calib_file, monkeypatch):
+    """A second extraction from one checkpoint on one text reuses the first's moments: only projections
+    not kept yet cost a calibration pass, the kept ones equal a fresh pass bit for bit, and other weights
+    or other text are computed afresh. extract's key is the same for a hard-linked copy, not a rewrite."""
+    import os
+    import shutil
+
+    from flexcli.commands.extract import weights_key
+    from flexcli.elastic.runtime import load_elastic
+    from flexcli.io.source import SourceModel
+    from flexcli.train.data import calibration_sequences
+
+    el, spec, _ = small_elastic(tmp_path, tokenizer_dir, calib_file, "llama", 8, 4)
+    e = load_elastic(el)
+    seqs = calibration_sequences(el, 1024)
+    real, passes = compensate.moments, []
+    monkeypatch.setattr(compensate, "moments", lambda *a, **k: passes.append(set(a[3])) or real(*a, **k))
+    a, b = {(0, "neuron"), (1, "qhead")}, {(1, "neuron")}
+    _, n1 = compensate.kept_moments(e.model, e.arch, seqs, a, "w1")
+    g, n2 = compensate.kept_moments(e.model, e.arch, seqs, a | b, "w1")
+    assert (n1, n2) == (2, 1) and passes == [a, b]
+    fresh = real(e.model, e.arch, seqs, a | b)
+    assert g.keys() == fresh.keys() and all(torch.equal(g[k], fresh[k]) for k in fresh)
+    assert compensate.kept_moments(e.model, e.arch, seqs, a, "w1")[1] == 0  # all kept: no pass
+    assert compensate.kept_moments(e.model, e.arch, seqs, a, "w2")[1] == 2  # other weights
+    assert compensate.kept_moments(e.model, e.arch, seqs[:2], a, "w2")[1] == 2  # other text
+
+    copy = tmp_path / "linked"
+    shutil.copytree(el, copy, copy_function=os.link)
+    assert weights_key(SourceModel.open(copy)) == weights_key(SourceModel.open(el))
+    w = SourceModel.open(copy).weight_files[0]
+    data = w.read_bytes()
+    w.unlink()
+    w.write_bytes(data)  # the same bytes in a new file: not known to be the same weights
+    assert weights_key(SourceModel.open(copy)) != weights_key(SourceModel.open(el))
