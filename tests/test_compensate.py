@@ -243,11 +243,10 @@ def test_sequential_refit_uses_the_sub_networks_own_inputs(tmp_path, tokenizer_d
 def test_moments_are_kept_for_the_same_weights_and_text(tmp_path, tokenizer_dir, calib_file, monkeypatch):
     """A second extraction from one checkpoint on one text reuses the first's moments: only projections
     not kept yet cost a calibration pass, the kept ones equal a fresh pass bit for bit, and other weights
-    or other text are computed afresh. extract's key is the same for a hard-linked copy, not a rewrite."""
+    or other text are computed afresh. The weights' identity is the same for a hard-linked copy, not a rewrite."""
     import os
     import shutil
 
-    from flexcli.commands.extract import weights_key
     from flexcli.elastic.runtime import load_elastic
     from flexcli.io.source import SourceModel
     from flexcli.train.data import calibration_sequences
@@ -269,9 +268,9 @@ def test_moments_are_kept_for_the_same_weights_and_text(tmp_path, tokenizer_dir,
 
     copy = tmp_path / "linked"
     shutil.copytree(el, copy, copy_function=os.link)
-    assert weights_key(SourceModel.open(copy)) == weights_key(SourceModel.open(el))
+    assert SourceModel.open(copy).weights_identity() == SourceModel.open(el).weights_identity()
     w = SourceModel.open(copy).weight_files[0]
     data = w.read_bytes()
     w.unlink()
     w.write_bytes(data)  # the same bytes in a new file: not known to be the same weights
-    assert weights_key(SourceModel.open(copy)) != weights_key(SourceModel.open(el))
+    assert SourceModel.open(copy).weights_identity() != SourceModel.open(el).weights_identity()

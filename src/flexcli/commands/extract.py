@@ -322,13 +322,6 @@ def _fits_in_ram(spec: ElasticSpec, config: dict) -> bool:
     return param_counter(spec, config)(spec.full()) * 4 * 3 < ram_bytes() * 0.5
 
 
-def weights_key(src: SourceModel) -> tuple:
-    """What identifies a checkpoint's weights without reading them: each file's inode, size and mtime (a
-    hard-linked copy, as benchmarks make, is the same weights; a rewrite is not)."""
-    st = [f.stat() for f in [src.path / "config.json", *src.weight_files]]
-    return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in st)
-
-
 def compensate_jobs(
     elastic: Path, src: SourceModel, spec: ElasticSpec, jobs: list[WriteJob], o: ExtractOptions, rep: Reporter
 ) -> list[str | None]:
@@ -366,7 +359,7 @@ def compensate_jobs(
         total=len(seqs),
     ) as task:
         bank = compensate.calibrated_bank(
-            el.model, el.arch, spec, seqs, wanted, src.stored_dtypes(), task.advance, weights_key(src)
+            el.model, el.arch, spec, seqs, wanted, src.stored_dtypes(), task.advance, src.weights_identity()
         )
     cal = (layout.read_manifest(elastic).get("recipe") or {}).get("calibration") or {}
     for j in jobs:

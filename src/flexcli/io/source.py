@@ -280,6 +280,13 @@ class SourceModel:
             if f.is_file() and f.name not in skip and not f.name.endswith(WEIGHT_SUFFIXES)
         )
 
+    def weights_identity(self) -> tuple:
+        """What identifies these weights without reading them: each file's device, inode, size and mtime
+        (a hard-linked copy, as benchmarks make, is the same weights; a rewrite is not). Keys in-process
+        caches of what is computed from the weights (compensation moments, importance matrices)."""
+        st = [f.stat() for f in [self.path / "config.json", *self.weight_files]]
+        return tuple((s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) for s in st)
+
     def file_hashes(self) -> dict[str, str]:
         return {f.name: sha256_file(f) for f in [self.path / "config.json", *self.weight_files]}
 

@@ -62,13 +62,6 @@ def gguf_names(plan_tensors, tied: bool) -> dict[str, str]:
 _CACHE: dict[tuple, dict[str, np.ndarray]] = {}  # one process extracting a configuration at several types
 
 
-def _weights_key(elastic: Path) -> tuple:
-    """The checkpoint's weights by identity (inode and mtime: hard-linked copies share it)."""
-    from ..io.source import SourceModel
-
-    return tuple((f.stat().st_ino, f.stat().st_mtime_ns) for f in SourceModel.open(elastic).weight_files)
-
-
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha1()
     for k in sorted(tensors):
@@ -90,8 +83,15 @@ def sub_model_imatrix(
     the same weights, configuration, compensation and tokens)."""
     from ..elastic import compensate
     from ..elastic.runtime import load_elastic
+    from ..io.source import SourceModel
 
-    key = (_weights_key(elastic), tuple(map(tuple, cfg)), tokens, tied, _digest(overrides or {}))
+    key = (
+        SourceModel.open(elastic).weights_identity(),
+        tuple(map(tuple, cfg)),
+        tokens,
+        tied,
+        _digest(overrides or {}),
+    )
     if key not in _CACHE:
         seqs = calibration_sequences(elastic, tokens)
         el = load_elastic(elastic)
