@@ -25,11 +25,14 @@ PROMPT = "def parse(text):\n    return"
 
 
 @pytest.fixture
-def routed(tmp_path, tokenizer_dir, calib_file):
+def routed(tmp_path, tokenizer_dir, calib_file, request):
+    """A converted checkpoint with both routers; indirect param: the adaptive router's --dynamic-source."""
     el, spec, table = small_elastic(tmp_path, tokenizer_dir, calib_file)
+    source = getattr(request, "param", None)
     r = subprocess.run(
         flex_cmd() + ["train-router", str(el), "--budgets", "60%,80%", "--steps", "20", "--dynamic-steps", "4",
-                      "--sm-warmup", "8", "--seq-len", "32", "--data", str(calib_file), "--json"],
+                      "--sm-warmup", "8", "--seq-len", "32", "--data", str(calib_file), "--json"]
+        + ([] if source is None else ["--dynamic-source", str(source)]),
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -52,6 +55,7 @@ def test_static_generation_is_transformers_generate_at_the_router_configuration(
     assert res.text == tok.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("routed", [None, 1], indirect=True, ids=["per-layer", "lookahead"])
 def test_adaptive_decode_with_cache_matches_one_uncached_forward(routed):
     el_dir, table = routed
     res = generate(
@@ -138,3 +142,35 @@ def test_router_skips_the_head_half_when_heads_are_fixed():
     km, kh, _, _ = d.choose(1, x, b)
     km2, kh2, _, _ = d.choose(1, x, b, heads=False)
     assert torch.equal(km, km2) and kh is not None and kh2 is None
+
+
+def test_lookahead_router_decides_every_later_layer_at_its_source():
+    """With a source layer, the layers before it run their prior (the budget's choice, whatever their
+    input), the source's input decides every later layer (their own input is not read), the decode path
+    (one argmax for all of them at the source) chooses what the logits say, and a later layer asked
+    before the source is an error."""
+    from flexcli.router.models import DynamicRouter
+
+    torch.manual_seed(0)
+    d = DynamicRouter(2, 4, 64, 7, 4, source=1)
+    with torch.no_grad():
+        d.prior_mlp.normal_()
+        d.prior_att.normal_()
+    b = torch.eye(2)[:1].expand(3, -1)
+    xa, xb = torch.randn(3, 5, 64), torch.randn(3, 5, 64)
+    assert all(torch.equal(u, v) for u, v in zip(d.layer_logits(0, xa, b), d.layer_logits(0, xb, b)))
+    with pytest.raises(RuntimeError, match="before its source"):
+        d.layer_logits(2, xa, b)
+    d.layer_logits(1, xa, b)
+    from_a = [d.layer_logits(i, xb, b) for i in (2, 3)]  # xb is ignored: decided at the source from xa
+    d.layer_logits(1, xb, b)
+    from_b = [d.layer_logits(i, xa, b) for i in (2, 3)]
+    assert not torch.allclose(from_a[0][0], from_b[0][0])
+    d.layer_logits(1, xa, b)
+    assert all(torch.equal(u[0], d.layer_logits(i, xb, b)[0]) for u, i in zip(from_a, (2, 3)))
+    # decode (no heads, no sampling): every later layer's argmax taken at the source
+    x1 = xa[:, :1]
+    want = [d.layer_logits(1, x1, b, heads=False)[0].argmax(-1)]
+    want += [d.layer_logits(i, x1, b, heads=False)[0].argmax(-1) for i in (2, 3)]
+    got = [d.choose(i, x1, b, heads=False)[0] for i in (1, 2, 3)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))

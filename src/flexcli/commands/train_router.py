@@ -156,6 +156,12 @@ def train_router(
         raise UsageError(
             "joint fine-tuning fine-tunes the static router; it needs the static router", option="joint_steps"
         )
+    n_layers = layout.read_spec(elastic_dir).dims.num_layers
+    if h.dynamic_source is not None and not 0 <= h.dynamic_source < n_layers:
+        raise UsageError(
+            f"the router's source layer must be one of the model's layers, 0-{n_layers - 1}; got {h.dynamic_source}",
+            option="dynamic_source",
+        )
     run, budget_ms = _prepare(elastic_dir, o)
     spec, table = run.elastic.spec, run.table
     g = torch.Generator().manual_seed(h.seed)

@@ -127,7 +127,14 @@ def load_router(
     r: nn.Module = (
         StaticRouter(len(doc["targets_ms"]), L, K, J, doc["sizes"]["hidden"])
         if kind == "static"
-        else DynamicRouter(len(doc["targets_ms"]), L, spec.dims.hidden_size, K, J)
+        else DynamicRouter(
+            len(doc["targets_ms"]),
+            L,
+            spec.dims.hidden_size,
+            K,
+            J,
+            source=doc.get("hyper", {}).get("dynamic_source"),
+        )
     )
     got = r.load_state_dict(sd, strict=False)  # adaptive routers saved before their priors: zero priors
     if got.unexpected_keys or set(got.missing_keys) - {"prior_mlp", "prior_att"}:

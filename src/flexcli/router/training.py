@@ -64,6 +64,9 @@ class RouterHyper:
     dynamic_lr: float = 1e-3
     dynamic_hard: bool = True  # direct: the forward at the sampled widths (straight-through), not the mixture
     dynamic_init: bool = True  # start the adaptive router at the static router's choices (when trained)
+    # lookahead: the layer whose input decides every later layer's width (one router call per step; the
+    # layers before it run the budget's own choice); None: every layer routes from its own input
+    dynamic_source: int | None = None
     seed: int = 0
 
 
@@ -174,7 +177,7 @@ def train_dynamic(
     spec = elastic.spec
     L, K, J = spec.dims.num_layers, len(spec.layers[0].mlp), len(spec.layers[0].heads)
     torch.manual_seed(h.seed + 1)
-    router = DynamicRouter(len(targets), L, spec.dims.hidden_size, K, J)
+    router = DynamicRouter(len(targets), L, spec.dims.hidden_size, K, J, source=h.dynamic_source)
     g = torch.Generator().manual_seed(h.seed + 11)
     if static is not None and h.dynamic_init:
         init_from_static(router, static, len(targets))
