@@ -389,11 +389,7 @@ def generate_result(r) -> None:
     typer.echo("")
     how = r.method if r.budget is None else f"{r.method} at {r.budget}"
     heads = f"; heads fixed at prefill, MLP widths per token {r.mlp_width_share}" if r.mlp_width_share else ""
-    pred = (
-        f" (predicted {r.predicted_ms:.2f})"
-        if r.predicted_ms is not None and "|decode|" in (r.regime or "")
-        else ""
-    )
+    pred = f" (predicted {r.predicted_ms:.2f})" if r.predicted_ms is not None and r.phase == "decode" else ""
     typer.echo(
         f"{r.tokens} tokens, {r.ms_per_token:.2f} ms/token{pred} (median decode step), prefill {r.prefill_ms:.1f} ms; "
         f"{how}{heads}",

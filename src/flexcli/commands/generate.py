@@ -66,6 +66,8 @@ class GenerateResult:
     # the router's own cost per step when the table is a decode one (adaptive: the latency model)
     predicted_ms: float | None
     router_ms: float | None = None  # adaptive: the router's cost per decode step, measured by train-router
+    # the table's phase (prefill | decode): only a decode table's prediction is one decode step's
+    phase: str | None = None
     mlp_width_share: dict[str, float] = field(default_factory=dict)  # adaptive: share of (token, layer)
     token_ids: list[int] = field(default_factory=list)  # generated
 
@@ -98,7 +100,11 @@ def generate(path: Path, o: GenerateOptions, reporter: Reporter | None = None) -
         )  # type: ignore[arg-type]
         res.method, res.config = target.method, config_to_json(target.cfg)
         if table is not None:
-            res.regime, res.predicted_ms = table.regime.key, table.predict(target.cfg)
+            res.regime, res.phase, res.predicted_ms = (
+                table.regime.key,
+                table.regime.phase,
+                table.predict(target.cfg),
+            )
             if o.budget.kind != "params":
                 res.budget_ms = latency_budgets_ms([o.budget], table)[0][1]
         with el.configured(target.cfg):
@@ -113,6 +119,7 @@ def generate(path: Path, o: GenerateOptions, reporter: Reporter | None = None) -
     router, doc = found
     ((_, ms),) = latency_budgets_ms([o.budget], table)
     res.method, res.regime, res.budget_ms = "input-adaptive router", table.regime.key, ms
+    res.phase = table.regime.phase
     res.router_ms = router_cost_ms(doc)  # measured for PyTorch decode tables only
     rt = DynamicRuntime(el, router)
     rt.budget = encode_budget(ms, doc["targets_ms"])[None]
