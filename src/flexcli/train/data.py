@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import itertools
 import json
 import os
 import sysconfig
@@ -119,14 +118,25 @@ def docstrings(source: str) -> str:
 
 
 def _interleave(streams: list[Iterator[str]]) -> Iterator[str]:
-    sentinel = object()
-    for docs in itertools.zip_longest(*streams, fillvalue=sentinel):
-        yield from (d for d in docs if d is not sentinel)
+    """Documents of every stream in equal shares of text: the next one comes from the stream that has
+    given the fewest characters so far (the first on a tie); a stream that ends leaves the others.
+    Alternating document by document made 'stdlib+docstrings' 95% code by tokens (a file's code is
+    thousands of tokens, its docstrings tens), so "code and prose" calibration was code."""
+    given = [0] * len(streams)
+    live = list(range(len(streams)))
+    while live:
+        i = min(live, key=lambda j: given[j])
+        d = next(streams[i], None)
+        if d is None:
+            live.remove(i)
+            continue
+        given[i] += len(d)
+        yield d
 
 
 def iter_documents(source: str | Path, split: str = "train") -> Iterator[str]:
     """Yield documents from a text file, a JSONL file (`text` field), a directory, 'stdlib', 'pydoc',
-    'docstrings', or several of these joined by '+' (interleaved document by document)."""
+    'docstrings', or several of these joined by '+' (mixed in equal shares of text, _interleave)."""
     parts = str(source).split("+")
     if len(parts) > 1 and all(parts):
         yield from _interleave([iter_documents(p, split) for p in parts])
