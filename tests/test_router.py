@@ -245,8 +245,8 @@ def test_train_router_cli_end_to_end(tmp_path, tokenizer_dir, calib_file, monkey
     assert bad.exit_code == 2 and "unit" in bad.stderr
     missing = runner.invoke(app, ["train-router", el, "--regime", "cuda"])
     assert missing.exit_code == 2 and "flex profile" in missing.stderr
-    far = runner.invoke(app, ["train-router", el, "--dynamic-source", "3"])  # 3 layers: 0-2
-    assert far.exit_code == 2 and "0-2" in far.stderr and len(far.stderr.strip().splitlines()) == 1
+    far = runner.invoke(app, ["train-router", el, "--dynamic-source", "2"])  # 2 layers: 0-1
+    assert far.exit_code == 2 and "0-1" in far.stderr and len(far.stderr.strip().splitlines()) == 1
 
 
 class _FixedRouter:
