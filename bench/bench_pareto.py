@@ -489,6 +489,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a smoke run: 4 types, the q4_0 table only")
     ap.add_argument("--keep-files", action="store_true", help="keep the GGUF files in --work")
+    ap.add_argument(
+        "--note", default="", help="how this run's checkpoints were made (into each model's report)"
+    )
     a = ap.parse_args()
     a.models = a.models.split(",")
     llamacpp.require()
@@ -509,7 +512,7 @@ def main() -> None:
             if name not in a.models:
                 results["models"][name] = {**r, "created": r.get("created", old.get("created"))}
     for name, src in _sources(a, a.work).items():
-        results["models"][name] = {"created": results["created"]}
+        results["models"][name] = {"created": results["created"], **({"note": a.note} if a.note else {})}
         run_model(name, src, a.work, a, results["models"][name], lambda: report(results, a.out))
 
 
