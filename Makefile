@@ -90,8 +90,8 @@ bench-scale: install
 # types with and without the importance matrix, budgets per table type (SmolLM2 from PyPI, converted as make
 # demo converts it; BENCH_PARETO_ARGS=--models smollm2,toy adds the toy model; --quick for a smoke run)
 # -> docs/results/pareto.{md,json}, docs/results/plots/pareto_llamacpp.png. On 2 cores: the conversions about
-# 15 min, the 29 full-model files 21 min, each table 40-45 min (profile, router, about 1.3 min per compensated
-# sub-model file): about 2.5 hours in all.
+# 15 min, the 29 full-model files 19 min, each table 17-22 min (profile, router, sub-model files; the
+# compensation's calibration pass is taken once per checkpoint): about 1.6 hours in all.
 bench-pareto: install-llamacpp
 	$(BIN)/python bench/bench_pareto.py $(BENCH_PARETO_ARGS)
 
