@@ -161,6 +161,8 @@ def test_lookahead_router_decides_every_later_layer_at_its_source():
     assert all(torch.equal(u, v) for u, v in zip(d.layer_logits(0, xa, b), d.layer_logits(0, xb, b)))
     with pytest.raises(RuntimeError, match="before its source"):
         d.layer_logits(2, xa, b)
+    with pytest.raises(RuntimeError, match="before its source"):
+        d.choose(2, xa[:, :1], b, heads=False)
     d.layer_logits(1, xa, b)
     from_a = [d.layer_logits(i, xb, b) for i in (2, 3)]  # xb is ignored: decided at the source from xa
     d.layer_logits(1, xb, b)
