@@ -27,6 +27,13 @@ def _index_batch(v: Any, idx: torch.Tensor, batch: int) -> Any:
     return v
 
 
+def _put(m: nn.Module, **state: Any) -> None:
+    """Per-step routing state into a wrapper module's own attributes, bypassing nn.Module.__setattr__
+    (its parameter / buffer / module checks, four times per layer and decode step, were a visible share
+    of a SmolLM2 decode step); the values are plain attributes, never parameters, buffers or modules."""
+    m.__dict__.update(state)
+
+
 class LayerRouter(Protocol):
     """What the runtime needs from an input-adaptive router (router.models.DynamicRouter): the router
     decides, the runtime executes."""
@@ -126,9 +133,9 @@ class DynamicRuntime:
         self.choices: list[
             tuple[torch.Tensor, torch.Tensor]
         ] = []  # (token choice (B,S), sequence choice (B,))
-        # decode with a KV cache: the head counts chosen at prefill, (B,) per layer, kept for every later
-        # step (a layer's cached keys and values have the heads they were computed with)
-        self.fixed_heads: list[torch.Tensor] | None = None
+        self._fixed: list[torch.Tensor] | None = None  # see fixed_heads
+        self._heads_in_layers = False
+        self._config = elastic.config  # restored by close once fixed heads were written into the layers
         self._restore, self._hooks = [], []
         for i, layer in enumerate(elastic.layers):
             mlp, attn = getattr(layer, mlp_name), getattr(layer, attn_name)
@@ -141,10 +148,30 @@ class DynamicRuntime:
             self._restore.append((layer, mlp_name, mlp, attn_name, attn))
             self._hooks.append(layer.register_forward_pre_hook(self._hook(i, gm, ga), with_kwargs=True))
 
+    @property
+    def fixed_heads(self) -> list[torch.Tensor] | None:
+        """Decode with a KV cache: the head counts chosen at prefill, (B,) per layer, kept for every later
+        step (a layer's cached keys and values have the heads they were computed with). For one
+        sequence they are written into the elastic layers once, so a decode step's attention runs as
+        the static path's does, without switching heads in and out per layer and step."""
+        return self._fixed
+
+    @fixed_heads.setter
+    def fixed_heads(self, heads: list[torch.Tensor] | None) -> None:
+        self._fixed = heads
+        if self._heads_in_layers:
+            self.elastic.set_config(self._config)
+            self._heads_in_layers = False
+        if heads is not None and not self.soft and all(kh.numel() == 1 for kh in heads):
+            for i, kh in enumerate(heads):
+                self.elastic.set_layer(i, heads=self.head_choices[int(kh[0])])
+            self._heads_in_layers = True
+
     def _hook(self, i: int, gm: GroupedMLP, ga: GroupedAttention):
         def pre(_layer, args, kwargs):
             if self.budget is None:
-                gm.token_choice = ga.seq_choice = gm.gate = ga.gate = None
+                _put(gm, token_choice=None, gate=None)
+                _put(ga, seq_choice=None, gate=None)
                 return
             x = args[0] if args else kwargs["hidden_states"]  # (B, S, D)
             budget = self.budget.to(x.device)
@@ -157,17 +184,23 @@ class DynamicRuntime:
                 self.records.append((pm, ph))
                 sel_m = pm.gather(-1, km[..., None]).squeeze(-1)
                 sel_h = ph.gather(-1, kh[..., None]).squeeze(-1)
-                gm.gate, ga.gate = (sel_m / sel_m.detach()).to(x.dtype), (sel_h / sel_h.detach()).to(x.dtype)
+                _put(gm, gate=(sel_m / sel_m.detach()).to(x.dtype))
+                _put(ga, gate=(sel_h / sel_h.detach()).to(x.dtype))
             else:
-                gm.gate = ga.gate = None
-            if self.fixed_heads is not None:
-                kh = self.fixed_heads[i]
-            gm.token_choice, ga.seq_choice = km, kh
+                _put(gm, gate=None)
+                _put(ga, gate=None)
+            if self._fixed is not None:
+                kh = self._fixed[i]
+            _put(gm, token_choice=km)
+            _put(ga, seq_choice=None if self._heads_in_layers else kh)  # in the layer already: pass through
             self.choices.append((km, kh))
 
         return pre
 
     def close(self) -> None:
+        if self._heads_in_layers:  # the elastic model as it was; fixed_heads stays readable
+            self.elastic.set_config(self._config)
+            self._heads_in_layers = False
         for h in self._hooks:
             h.remove()
         for layer, mn, mlp, an, attn in self._restore:
