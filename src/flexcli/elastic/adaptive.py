@@ -159,9 +159,7 @@ class DynamicRuntime:
     @fixed_heads.setter
     def fixed_heads(self, heads: list[torch.Tensor] | None) -> None:
         self._fixed = heads
-        if self._heads_in_layers:
-            self.elastic.set_config(self._config)
-            self._heads_in_layers = False
+        self._heads_out_of_layers()
         if heads is not None and not self.soft and all(kh.numel() == 1 for kh in heads):
             for i, kh in enumerate(heads):
                 self.elastic.set_layer(i, heads=self.head_choices[int(kh[0])])
@@ -197,10 +195,14 @@ class DynamicRuntime:
 
         return pre
 
-    def close(self) -> None:
-        if self._heads_in_layers:  # the elastic model as it was; fixed_heads stays readable
+    def _heads_out_of_layers(self) -> None:
+        """The elastic model's configuration as it was before fixed heads were written into its layers."""
+        if self._heads_in_layers:
             self.elastic.set_config(self._config)
             self._heads_in_layers = False
+
+    def close(self) -> None:
+        self._heads_out_of_layers()  # fixed_heads stays readable
         for h in self._hooks:
             h.remove()
         for layer, mn, mlp, an, attn in self._restore:

@@ -102,8 +102,8 @@ class DynamicRouter(nn.Module):
         self._ahead: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._ahead_choice = torch.empty(0, 0, 0, dtype=torch.long)
 
-    def _block(self, net: nn.Module, x: torch.Tensor, e: torch.Tensor, heads: bool):
-        """(per-token MLP logits (B, S, n), per-sequence head logits (B, n') or None) of one router block."""
+    def _block(self, net: int, x: torch.Tensor, e: torch.Tensor, heads: bool):
+        """(per-token MLP logits (B, S, n), per-sequence head logits (B, n') or None) of router block `net`."""
         tok = torch.cat([x, e[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
         lm = self.mlp[net](tok)
         return lm, self.att[net](torch.cat([x.mean(dim=1), e], dim=-1)) if heads else None
