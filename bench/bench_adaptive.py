@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("elastic", type=Path)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="decode timing rounds over the prompts")
     ap.add_argument("--regime", help="the latency table (and its routers) [default: the newest]")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "adaptive")
     ap.add_argument(
@@ -100,16 +101,21 @@ def main() -> None:
         b = parse_budget(f"{ms}ms")
         dec: dict[str, list[float]] = {"static": [], "adaptive": []}
         pred: dict[str, list[float]] = {"static": [], "adaptive": []}
-        for p in PROMPTS:  # alternated prompt by prompt
-            for kind in ("static", "adaptive"):
-                o = GenerateOptions(prompt=p, budget=b, adaptive=kind == "adaptive", max_new_tokens=a.new_tokens,
-                                    regime=table.regime.key)  # fmt: skip
-                g = generate(a.elastic, o)
-                dec[kind].append(g.ms_per_token)
-                pred[kind].append(g.predicted_ms)
+        for rnd in range(a.rounds):  # alternated prompt by prompt, who goes first alternated by round
+            for p in PROMPTS:
+                for kind in ("static", "adaptive")[:: 1 if rnd % 2 == 0 else -1]:
+                    o = GenerateOptions(prompt=p, budget=b, adaptive=kind == "adaptive", max_new_tokens=a.new_tokens,
+                                        regime=table.regime.key)  # fmt: skip
+                    g = generate(a.elastic, o)
+                    dec[kind].append(g.ms_per_token)
+                    pred[kind].append(g.predicted_ms)
+        paired = sorted(x / y for x, y in zip(dec["adaptive"], dec["static"]))  # same prompt, same round
         rows.append({"budget_ms": round(ms, 2), "share": round(ms / table.full_ms(), 3),
                      "static_table_ms": round(table.predict(cfg), 2), "static_ppl": static, "adaptive": adaptive,
                      "decode_ms_per_token": {k: round(statistics.median(v), 2) for k, v in dec.items()},
+                     # adaptive / static ms per token of the same prompt in the same round: median, quartiles
+                     "decode_paired_ratio": [round(statistics.median(paired), 4),
+                                             *(round(q, 4) for q in statistics.quantiles(paired, n=4)[::2])],
                      "decode_predicted_ms_per_token": {k: round(statistics.median(v), 2) for k, v in pred.items()},
                      # the latency model, prompt by prompt: predicted / measured - 1
                      "decode_model_error": {k: [round(p / m - 1, 4) for p, m in zip(pred[k], dec[k])] for k in dec}})  # fmt: skip
@@ -127,13 +133,15 @@ def main() -> None:
         f"{a.samples} x 256 tokens per corpus; adaptive latency is the table's mean over its per-token "
         f"choices{f' plus the router cost per step, {overhead:.2f} ms' if overhead else ''}; decode ms/token is "
         "the median of `flex generate`'s timed steps over "
-        f"{len(PROMPTS)} prompts x {a.new_tokens} tokens, static and adaptive alternated; predicted is "
-        "generate's latency model for the same steps (the table's regime).",
+        f"{a.rounds} rounds x {len(PROMPTS)} prompts x {a.new_tokens} tokens, static and adaptive alternated "
+        "(who goes first alternated by round); paired is adaptive / static ms per token of the same prompt "
+        "and round, median [quartiles]; predicted is generate's latency model for the same steps (the "
+        "table's regime).",
         "",
         *([a.note, ""] if a.note else []),
         "| budget | static ms | adaptive ms (code/prose/alt) | static ppl code/prose/alt | adaptive ppl "
-        "code/prose/alt | decode ms/token static / adaptive | predicted static / adaptive |",
-        "|---|---|---|---|---|---|---|",
+        "code/prose/alt | decode ms/token static / adaptive | paired | predicted static / adaptive |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ad = r["adaptive"]
@@ -145,6 +153,7 @@ def main() -> None:
             + " | "
             + " / ".join(f"{ad[k]['ppl']:.2f}" for k in ("code", "prose", "alternating"))
             + f" | {r['decode_ms_per_token']['static']:.1f} / {r['decode_ms_per_token']['adaptive']:.1f}"
+            + " | {:.3f} [{:.3f}, {:.3f}]".format(*r["decode_paired_ratio"])
             + f" | {r['decode_predicted_ms_per_token']['static']:.1f} / {r['decode_predicted_ms_per_token']['adaptive']:.1f} |"
         )
     errs = {k: [e for r in rows for e in r["decode_model_error"][k]] for k in ("static", "adaptive")}

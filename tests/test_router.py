@@ -255,7 +255,7 @@ class _FixedRouter:
     def __init__(self, choices, K: int, J: int):
         self.choices, self.K, self.J = choices, K, J
 
-    def choose(self, layer, x, budget, tau=None, g=None):
+    def choose(self, layer, x, budget, tau=None, g=None, heads=True, scale=1.0):
         km, kh = self.choices[layer]
         pm, ph = (
             torch.nn.functional.one_hot(km, self.K).float(),
@@ -334,3 +334,56 @@ def test_input_adaptive_router_follows_its_budgets(tiny_elastic):
     assert lat[0] < lat[1]
     for got, want in zip(lat, targets):
         assert abs(got / want - 1) <= 0.1, (lat, targets)
+
+
+@pytest.mark.parametrize("source", [None, 1], ids=["per-layer", "lookahead"])
+def test_router_inputs_are_standardized_on_the_hidden_states_entering_their_layers(tiny_elastic, source):
+    """standardize_inputs reads what enters each block's layer (transformers' hidden_states[i] is layer
+    i's input), the block then sees those channels at mean 0 and unit spread, and one outlier channel
+    in the residual stream no longer sets every token's logits."""
+    from flexcli.router.training import standardize_inputs
+
+    el, spec = tiny_elastic, tiny_elastic.spec
+    L, D = spec.dims.num_layers, spec.dims.hidden_size
+    torch.manual_seed(0)
+    d = DynamicRouter(2, L, D, len(spec.layers[0].mlp), len(spec.layers[0].heads), source=source)
+    x = torch.randint(0, spec.dims.vocab_size, (4, 24))
+    standardize_inputs(el, d, x)
+    with torch.no_grad():
+        hs = el.model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states
+    for net, i in enumerate(d.input_layers()):
+        h = hs[i].reshape(-1, D)
+        assert torch.allclose(d.in_shift[net], h.mean(0), atol=1e-5)
+        z = (h - d.in_shift[net]) * d.in_scale[net]
+        assert torch.allclose(z.std(0), torch.ones(D), atol=1e-3)
+    # a channel 1000x the others, the same in every token: raw, it drowns what tells tokens apart
+    d2 = DynamicRouter(1, 1, 8, 3, 2)
+    xs = torch.randn(1, 64, 8)
+    xs[..., 0] = 1000.0 + 0.01 * torch.randn(1, 64)
+    b = torch.ones(1, 1)
+    raw = d2.layer_logits(0, xs, b)[0].argmax(-1)
+    d2.standardize(0, xs[0])
+    assert len(torch.unique(raw)) == 1
+    assert len(torch.unique(d2.layer_logits(0, xs, b)[0].argmax(-1))) > 1
+
+
+def test_adaptive_router_starts_at_the_static_choices_without_saturating_them():
+    """init_from_static: every layer's prior argmax is the static router's choice, at a softness the LM's
+    gradient can move (a top-1 probability under 1), and training's logit scale ends where the static
+    router's ramp did (x10 its logits)."""
+    from flexcli.router.training import dynamic_scale, init_from_static
+
+    torch.manual_seed(0)
+    L, K, J, h = 4, 5, 3, RouterHyper(dynamic_steps=30)
+    static = StaticRouter(2, L, K, J)
+    for p in static.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    d = DynamicRouter(2, L, 16, K, J)
+    init_from_static(d, static, 2, h.dynamic_prior_scale)
+    lm, lh = static(torch.eye(2))
+    assert torch.equal(d.prior_mlp.argmax(-1), lm.argmax(-1)) and torch.equal(
+        d.prior_att.argmax(-1), lh.argmax(-1)
+    )
+    assert torch.softmax(d.prior_mlp, -1).max() < 0.999
+    end = dynamic_scale(h.dynamic_steps - 1, h) * d.prior_mlp
+    assert dynamic_scale(0, h) == 1.0 and torch.allclose(end, 10 * lm, atol=1e-5)

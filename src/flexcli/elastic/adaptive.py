@@ -39,7 +39,8 @@ class LayerRouter(Protocol):
     decides, the runtime executes."""
 
     def choose(self, layer: int, x: torch.Tensor, budget: torch.Tensor, tau: float | None = None,
-               g: torch.Generator | None = None, heads: bool = True) -> tuple[torch.Tensor, Any, Any, Any]: ...  # fmt: skip
+               g: torch.Generator | None = None, heads: bool = True,
+               scale: float = 1.0) -> tuple[torch.Tensor, Any, Any, Any]: ...  # fmt: skip
 
 
 class GroupedMLP(nn.Module):
@@ -126,6 +127,7 @@ class DynamicRuntime:
         self.budget: torch.Tensor | None = None  # (B, n_targets)
         self.soft = False
         self.tau = 1.0
+        self.scale = 1.0  # soft mode: the router's logits x this before sampling (router.choose)
         self.generator: torch.Generator | None = None
         self.records: list[
             tuple[torch.Tensor, torch.Tensor]
@@ -176,7 +178,13 @@ class DynamicRuntime:
             # decode: the head counts chosen at prefill, the head half of the router not asked
             fixed = self.fixed_heads is not None and not self.soft
             km, kh, pm, ph = self.router.choose(
-                i, x.detach(), budget, self.tau if self.soft else None, self.generator, heads=not fixed
+                i,
+                x.detach(),
+                budget,
+                self.tau if self.soft else None,
+                self.generator,
+                heads=not fixed,
+                scale=self.scale,
             )
             if pm is not None:  # soft: straight-through gates carry the chosen probabilities' gradient
                 self.records.append((pm, ph))
@@ -224,6 +232,7 @@ class SoftRuntime:
         spec, arch, d = elastic.spec, elastic.arch, elastic.spec.dims
         self.budget: torch.Tensor | None = None  # (B, n_targets)
         self.tau = 1.0
+        self.scale = 1.0  # the router's logits x this before sampling (router.choose)
         self.generator: torch.Generator | None = None
         self.hard = False  # straight-through one-hot forward (see _route)
         self.records: list[tuple[torch.Tensor, torch.Tensor]] = []  # (pi_mlp (B,S,K), pi_heads (B,J))
@@ -255,7 +264,7 @@ class SoftRuntime:
         def pre(_layer, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]  # (B, S, D)
             km, kh, pm, ph = self.router.choose(
-                i, x.detach(), self.budget.to(x.device), self.tau, self.generator
+                i, x.detach(), self.budget.to(x.device), self.tau, self.generator, scale=self.scale
             )
             if self.hard:  # straight-through: the forward runs the sampled widths, the gradient the mixture's
                 pm = pm + (nn.functional.one_hot(km, pm.shape[-1]).to(pm.dtype) - pm).detach()

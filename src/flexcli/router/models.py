@@ -93,6 +93,12 @@ class DynamicRouter(nn.Module):
         self.mlp = nn.ModuleList(_two_layer(hidden_size + emb, hidden, ahead * n_mlp) for _ in range(nets))
         self.att = nn.ModuleList(_two_layer(hidden_size + emb, hidden, ahead * n_heads) for _ in range(nets))
         _init(self, init_std)
+        # per block, the hidden state it reads standardized channel by channel: (x - shift) * scale, set
+        # from calibration text by `standardize` (identity until then, and in routers saved before it).
+        # Raw, a residual stream's few outlier channels (SmolLM2: |x| in the hundreds where most are
+        # under 1) set every token's logits alike, and the router learned one choice for all text
+        self.register_buffer("in_shift", torch.zeros(nets, hidden_size))
+        self.register_buffer("in_scale", torch.ones(nets, hidden_size))
         # per-target logits added to every token's: the budget's own say, which hidden states of norm ~10
         # beside a 16-wide budget embedding drowned (trained on the LM loss, the router forgot its budget
         # and ran every one at the same latency); set from the static router's choices to start there
@@ -102,8 +108,20 @@ class DynamicRouter(nn.Module):
         self._ahead: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._ahead_choice = torch.empty(0, 0, 0, dtype=torch.long)
 
+    @torch.no_grad()
+    def standardize(self, net: int, xs: torch.Tensor) -> None:
+        """Set block `net`'s input standardization from xs (N, D), hidden states it will read."""
+        xs = xs.float()
+        self.in_shift[net] = xs.mean(0)
+        self.in_scale[net] = 1.0 / xs.std(0).clamp_min(1e-3)
+
+    def input_layers(self) -> list[int]:
+        """The layer whose input each block reads, by block."""
+        return list(range(self.n_layers)) if self.source is None else [self.source]
+
     def _block(self, net: int, x: torch.Tensor, e: torch.Tensor, heads: bool):
         """(per-token MLP logits (B, S, n), per-sequence head logits (B, n') or None) of router block `net`."""
+        x = (x - self.in_shift[net]) * self.in_scale[net]  # (B, S, D), channels standardized
         tok = torch.cat([x, e[:, None, :].expand(-1, x.shape[1], -1)], dim=-1)
         lm = self.mlp[net](tok)
         return lm, self.att[net](torch.cat([x.mean(dim=1), e], dim=-1)) if heads else None
@@ -139,11 +157,13 @@ class DynamicRouter(nn.Module):
         return am[:, :, k] + pm[:, None, :], ah[:, k] + ph if heads else None
 
     def choose(self, layer: int, x: torch.Tensor, budget: torch.Tensor, tau: float | None = None,
-               g: torch.Generator | None = None, heads: bool = True) -> tuple[torch.Tensor, Any, Any, Any]:  # fmt: skip
+               g: torch.Generator | None = None, heads: bool = True,
+               scale: float = 1.0) -> tuple[torch.Tensor, Any, Any, Any]:  # fmt: skip
         """(per-token MLP choice (B, S), per-sequence head choice (B,), and with `tau` their Gumbel-softmax
         probabilities (B, S, K) / (B, J), else None) at `layer`: the argmax of the logits, or of the
-        Gumbel-perturbed probabilities when training (soft routing). Without `heads` (inference only)
-        the head choice is None."""
+        Gumbel-perturbed probabilities of the logits x `scale` when training (soft routing; a sample from
+        softmax(scale x logits), which the argmax becomes as the scale grows). Without `heads` (inference
+        only) the head choice is None."""
         if tau is None and not heads and self.source is not None and layer > self.source:
             if self._ahead_choice.shape[:2] != x.shape[:2]:
                 raise RuntimeError(
@@ -159,7 +179,7 @@ class DynamicRouter(nn.Module):
             return self._ahead_choice[:, :, 0], None, None, None
         if tau is None:
             return lm.argmax(-1), None if lh is None else lh.argmax(-1), None, None
-        pm, ph = gumbel_probs(lm, tau, g), gumbel_probs(lh, tau, g)
+        pm, ph = gumbel_probs(lm * scale, tau, g), gumbel_probs(lh * scale, tau, g)
         return pm.argmax(-1), ph.argmax(-1), pm, ph
 
 

@@ -136,8 +136,9 @@ def load_router(
             source=doc.get("hyper", {}).get("dynamic_source"),
         )
     )
-    got = r.load_state_dict(sd, strict=False)  # adaptive routers saved before their priors: zero priors
-    if got.unexpected_keys or set(got.missing_keys) - {"prior_mlp", "prior_att"}:
+    # adaptive routers saved before their priors / input standardization: zero priors, raw inputs
+    got = r.load_state_dict(sd, strict=False)
+    if got.unexpected_keys or set(got.missing_keys) - {"prior_mlp", "prior_att", "in_shift", "in_scale"}:
         r.load_state_dict(sd)  # raises, naming the mismatch
     return r.eval(), doc
 

@@ -59,19 +59,39 @@ class RouterHyper:
     p_full: float = P_FULL  # joint stage
     surrogate: bool = True  # False: the static router learns from the LM loss itself (ablation, no SM)
     dynamic_train: str = "direct"  # direct (LM loss, straight-through the mixture) | surrogate (SM gate)
-    # direct: Adam at 1e-2 moved the token-dependent logits (unnormalized hidden states in) so far in 60
-    # steps that SmolLM2's ppl rose 10-25% over the static start; at 1e-3 it fell 0-9% on budget
+    # direct: the priors' Adam rate (at 1e-2 for the whole router, raw hidden states in and priors
+    # saturated, SmolLM2's ppl rose 10-25% over the static start in 60 steps)
     dynamic_lr: float = 1e-3
+    # direct: the learning rate of the token-dependent blocks (None: dynamic_lr); the priors keep dynamic_lr
+    # direct: the token-dependent blocks learn at this rate (None: dynamic_lr), the priors at dynamic_lr, and
+    # both fall linearly to dynamic_lr_end of it; on SmolLM2 (60 steps) this took held-out ppl 10-24% under
+    # static's at every budget where the blocks at 1e-3 stayed at static's choices
+    dynamic_token_lr: float | None = 1e-2
+    dynamic_lr_end: float = 0.1
     dynamic_hard: bool = True  # direct: the forward at the sampled widths (straight-through), not the mixture
     dynamic_init: bool = True  # start the adaptive router at the static router's choices (when trained)
+    # their logits x this as the priors: x10 (_route's final scale) saturates the softmax (SmolLM2: top-1
+    # probability 0.99999, margins of 6-20), so neither Gumbel samples nor gradients leave the static choice
+    dynamic_prior_scale: float = 1.0
     # lookahead: the layer whose input decides every later layer's width (one router call per step; the
     # layers before it run the budget's own choice); None: every layer routes from its own input
     dynamic_source: int | None = None
+    # standardize the router's input channels on the training text before training (DynamicRouter.standardize)
+    dynamic_standardize: bool = True
     seed: int = 0
 
 
 def tau_at(step: int, total: int, h: RouterHyper) -> float:
     return h.tau_start * (h.tau_end / h.tau_start) ** (step / max(1, total - 1))
+
+
+def dynamic_scale(step: int, h: RouterHyper) -> float:
+    """The adaptive router's logit scale while it trains: 1 -> 10 / dynamic_prior_scale, so priors of
+    prior_scale x the static router's logits sharpen from there to x10, where the static router's own
+    1 -> 10 ramp [S2] ended; the widths sampled in training become the argmax ones it runs (a Gumbel
+    sample of softmax(logits) is not their argmax at any tau)."""
+    end = max(1.0, 10.0 / h.dynamic_prior_scale)
+    return 1.0 + (end - 1.0) * step / max(1, h.dynamic_steps - 1)
 
 
 def sm_gated_step(
@@ -151,14 +171,17 @@ def train_static(
 
 
 @torch.no_grad()
-def init_from_static(router: DynamicRouter, static: StaticRouter, n_targets: int) -> None:
+def init_from_static(
+    router: DynamicRouter, static: StaticRouter, n_targets: int, scale: float = 10.0
+) -> None:
     """Start the adaptive router at the static router's choices: its per-target priors are the static
-    router's logits as its training ended (scaled x10, _route's final scale), so at step 0 every budget
-    runs the static configuration, at its latency and quality, and the token-dependent part (small at
-    init) learns where to deviate."""
+    router's logits x `scale`, so at step 0 every budget's argmax is the static configuration, at its
+    latency and quality, and the token-dependent part (small at init) learns where to deviate. x10 is
+    where the static router's logit ramp ended (_route), and there the softmax is saturated; training
+    starts softer (RouterHyper.dynamic_prior_scale) and sharpens toward it (dynamic_scale)."""
     lm, lh = static(torch.eye(n_targets))  # (n, L, K), (n, L, J)
-    router.prior_mlp.copy_(10 * lm)
-    router.prior_att.copy_(10 * lh)
+    router.prior_mlp.copy_(scale * lm)
+    router.prior_att.copy_(scale * lh)
 
 
 def train_dynamic(
@@ -180,10 +203,18 @@ def train_dynamic(
     router = DynamicRouter(len(targets), L, spec.dims.hidden_size, K, J, source=h.dynamic_source)
     g = torch.Generator().manual_seed(h.seed + 11)
     if static is not None and h.dynamic_init:
-        init_from_static(router, static, len(targets))
+        init_from_static(router, static, len(targets), h.dynamic_prior_scale)
+    if h.dynamic_standardize:
+        standardize_inputs(elastic, router, sample_batch(tokens, 2 * h.batch_size, h.seq_len, g))
     direct = h.dynamic_train == "direct"
     overhead = router_overhead_ms(elastic, router, table, len(targets))
-    opt = torch.optim.Adam(router.parameters(), lr=h.dynamic_lr if direct else h.lr)
+    lr = h.dynamic_lr if direct else h.lr
+    priors = [router.prior_mlp, router.prior_att]
+    blocks = [p for n, p in router.named_parameters() if not n.startswith("prior_")]
+    token_lr = h.dynamic_token_lr if direct and h.dynamic_token_lr is not None else lr
+    opt = torch.optim.Adam([{"params": priors, "lr": lr}, {"params": blocks, "lr": token_lr}])
+    end = h.dynamic_lr_end if direct else 1.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - (1 - end) * s / max(1, h.dynamic_steps - 1))
     rt: SoftRuntime | DynamicRuntime
     if direct:
         rt = SoftRuntime(elastic, router)
@@ -203,6 +234,7 @@ def train_dynamic(
                 x = sample_batch(tokens, h.batch_size, h.seq_len, g)
                 rt.budget = torch.eye(len(targets))[t][None].expand(x.shape[0], -1)
                 rt.tau = tau_at(step, h.dynamic_steps, h)
+                rt.scale = dynamic_scale(step, h)
                 rt.records, rt.choices = [], []
                 loss_lm = lm_loss(model, x)
                 pm = [r[0].mean(dim=(0, 1)) for r in rt.records]  # (K,) per layer
@@ -217,6 +249,7 @@ def train_dynamic(
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    sched.step()
                     updates += 1
                 else:
                     err = sm_gated_step(sm, feat, loss_lm.item(), pm, ph, table, targets[t], opt, h, g)
@@ -237,6 +270,30 @@ def train_dynamic(
         "final_latency_ratio": sum(tail) / len(tail) if tail else None,
         "router_step_ms": overhead if overhead else None,
     }
+
+
+@torch.no_grad()
+def standardize_inputs(elastic: ElasticModel, router: DynamicRouter, x: torch.Tensor) -> None:
+    """Standardize each router block's input channels on the hidden states that enter its layer when the
+    elastic model, at its current configuration, reads x (B, S)."""
+    seen: dict[int, torch.Tensor] = {}
+    layers = router.input_layers()
+
+    def grab(i: int):
+        def pre(_layer, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]  # (B, S, D)
+            seen[i] = h.reshape(-1, h.shape[-1])
+
+        return pre
+
+    hooks = [elastic.layers[i].register_forward_pre_hook(grab(i), with_kwargs=True) for i in layers]
+    try:
+        elastic.model(input_ids=x, use_cache=False)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    for net, i in enumerate(layers):
+        router.standardize(net, seen[i])
 
 
 @torch.inference_mode()
