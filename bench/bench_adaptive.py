@@ -63,6 +63,53 @@ def adaptive_stats(el, router, table, targets, ms, seqs, overhead_ms: float) -> 
             "mlp_share": {str(mlp[k]): round(c / total, 4) for k, c in sorted(count.items())}}  # fmt: skip
 
 
+@torch.inference_mode()
+def interleaved_steps(
+    path: Path, tok, cfg, dyn, targets, ms: float, prompts: list[str], new_tokens: int
+) -> dict:
+    """Decode steps of the static configuration and of adaptive routing taken in turn, one of each (who
+    goes first alternating), on two copies of the model, each greedy on its own continuation with its own
+    KV cache: the ratio of each adjacent pair sees the same moment of a machine whose speed drifts."""
+    from transformers import DynamicCache
+
+    from flexcli.elastic.adaptive import DynamicRuntime
+    from flexcli.elastic.runtime import load_elastic
+    from flexcli.latency.timing import cache_kw
+    from flexcli.router.models import encode_budget
+
+    st, ad = load_elastic(path), load_elastic(path)
+    st.set_config(cfg)
+    rt = DynamicRuntime(ad, dyn)
+    rt.budget = encode_budget(ms, targets)[None]
+    kw = cache_kw(st.model)
+    t_st, t_ad, ratios = [], [], []
+    try:
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids  # (1, P)
+            caches = [DynamicCache(config=st.model.config), DynamicCache(config=ad.model.config)]
+            nxt = [int(st.model(input_ids=ids, use_cache=True, **{kw: caches[0]}).logits[0, -1].argmax())]
+            rt.choices = []
+            nxt.append(int(ad.model(input_ids=ids, use_cache=True, **{kw: caches[1]}).logits[0, -1].argmax()))
+            rt.fixed_heads, rt.choices = [kh for _, kh in rt.choices], []
+            for step in range(new_tokens):
+                ms_of = [0.0, 0.0]
+                for j in (0, 1) if step % 2 == 0 else (1, 0):
+                    m = (st, ad)[j].model
+                    t0 = time.perf_counter()
+                    out = m(input_ids=torch.tensor([[nxt[j]]]), use_cache=True, **{kw: caches[j]})
+                    ms_of[j] = (time.perf_counter() - t0) * 1e3
+                    nxt[j] = int(out.logits[0, -1].argmax())
+                rt.choices = []
+                t_st.append(ms_of[0])
+                t_ad.append(ms_of[1])
+                ratios.append(ms_of[1] / ms_of[0])
+    finally:
+        rt.close()
+    q = statistics.quantiles(ratios, n=4)
+    return {"static_ms": round(statistics.median(t_st), 2), "adaptive_ms": round(statistics.median(t_ad), 2),
+            "ratio": [round(statistics.median(ratios), 4), round(q[0], 4), round(q[2], 4)], "pairs": len(ratios)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("elastic", type=Path)
@@ -110,12 +157,15 @@ def main() -> None:
                     dec[kind].append(g.ms_per_token)
                     pred[kind].append(g.predicted_ms)
         paired = sorted(x / y for x, y in zip(dec["adaptive"], dec["static"]))  # same prompt, same round
+        steps = interleaved_steps(a.elastic, tok, cfg, dyn, targets, ms, PROMPTS * a.rounds, a.new_tokens)
         rows.append({"budget_ms": round(ms, 2), "share": round(ms / table.full_ms(), 3),
                      "static_table_ms": round(table.predict(cfg), 2), "static_ppl": static, "adaptive": adaptive,
                      "decode_ms_per_token": {k: round(statistics.median(v), 2) for k, v in dec.items()},
                      # adaptive / static ms per token of the same prompt in the same round: median, quartiles
                      "decode_paired_ratio": [round(statistics.median(paired), 4),
                                              *(round(q, 4) for q in statistics.quantiles(paired, n=4)[::2])],
+                     # decode steps of the two taken in turn, one of each (interleaved_steps)
+                     "interleaved_steps": steps,
                      "decode_predicted_ms_per_token": {k: round(statistics.median(v), 2) for k, v in pred.items()},
                      # the latency model, prompt by prompt: predicted / measured - 1
                      "decode_model_error": {k: [round(p / m - 1, 4) for p, m in zip(pred[k], dec[k])] for k in dec}})  # fmt: skip
@@ -135,13 +185,15 @@ def main() -> None:
         "the median of `flex generate`'s timed steps over "
         f"{a.rounds} rounds x {len(PROMPTS)} prompts x {a.new_tokens} tokens, static and adaptive alternated "
         "(who goes first alternated by round); paired is adaptive / static ms per token of the same prompt "
-        "and round, median [quartiles]; predicted is generate's latency model for the same steps (the "
-        "table's regime).",
+        "and round, median [quartiles]; interleaved is adaptive / static of single decode steps taken in "
+        "turn on two copies of the model (each greedy on its own continuation, same prompts and rounds), "
+        "median [quartiles], the finer pairing on a machine whose speed drifts; predicted is generate's "
+        "latency model for the same steps (the table's regime).",
         "",
         *([a.note, ""] if a.note else []),
         "| budget | static ms | adaptive ms (code/prose/alt) | static ppl code/prose/alt | adaptive ppl "
-        "code/prose/alt | decode ms/token static / adaptive | paired | predicted static / adaptive |",
-        "|---|---|---|---|---|---|---|---|",
+        "code/prose/alt | decode ms/token static / adaptive | paired | interleaved | predicted static / adaptive |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ad = r["adaptive"]
@@ -154,6 +206,7 @@ def main() -> None:
             + " / ".join(f"{ad[k]['ppl']:.2f}" for k in ("code", "prose", "alternating"))
             + f" | {r['decode_ms_per_token']['static']:.1f} / {r['decode_ms_per_token']['adaptive']:.1f}"
             + " | {:.3f} [{:.3f}, {:.3f}]".format(*r["decode_paired_ratio"])
+            + " | {:.3f} [{:.3f}, {:.3f}]".format(*r["interleaved_steps"]["ratio"])
             + f" | {r['decode_predicted_ms_per_token']['static']:.1f} / {r['decode_predicted_ms_per_token']['adaptive']:.1f} |"
         )
     errs = {k: [e for r in rows for e in r["decode_model_error"][k]] for k in ("static", "adaptive")}
