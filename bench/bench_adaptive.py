@@ -91,6 +91,7 @@ def interleaved_steps(
             rt.choices = []
             nxt.append(int(ad.model(input_ids=ids, use_cache=True, **{kw: caches[1]}).logits[0, -1].argmax()))
             rt.fixed_heads, rt.choices = [kh for _, kh in rt.choices], []
+            rt.lookahead_decode()  # as flex generate runs it
             for step in range(new_tokens):
                 ms_of = [0.0, 0.0]
                 for j in (0, 1) if step % 2 == 0 else (1, 0):

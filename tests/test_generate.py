@@ -176,3 +176,50 @@ def test_lookahead_router_decides_every_later_layer_at_its_source():
     want += [d.layer_logits(i, x1, b, heads=False)[0].argmax(-1) for i in (2, 3)]
     got = [d.choose(i, x1, b, heads=False)[0] for i in (1, 2, 3)]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("routed", [1], indirect=True, ids=["lookahead"])
+def test_lookahead_decode_runs_the_layers_unwrapped_and_close_restores_them(routed):
+    """lookahead_decode: the per-layer wrappers and hooks leave the model (one hook at the source sets
+    every layer's width), a decode step takes the widths the general path would, a longer forward is a
+    clear error, and close leaves the model as it was."""
+    from flexcli.elastic.adaptive import GroupedMLP
+
+    el_dir, table = routed
+    el, tok = load_elastic(el_dir), load_tokenizer(el_dir)
+    router, doc = load_router(el_dir, "dynamic", table.regime.key)
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        before = el.model(input_ids=ids, use_cache=False).logits
+        runs = []
+        for fast in (False, True):
+            rt = DynamicRuntime(el, router)
+            rt.budget = encode_budget(0.6 * table.full_ms(), doc["targets_ms"])[None]
+            el.model(input_ids=ids[:, :-1], use_cache=False)
+            rt.fixed_heads, rt.choices = [kh for _, kh in rt.choices], []
+            if fast:
+                assert rt.lookahead_decode()
+                assert not any(isinstance(m, GroupedMLP) for m in el.model.modules())
+                with pytest.raises(RuntimeError, match="one token per forward"):
+                    el.model(input_ids=ids, use_cache=False)
+                rt.choices = []
+            logits = el.model(input_ids=ids[:, -1:], use_cache=False).logits  # a step without its cache
+            runs.append(([int(km[0, 0]) for km, _ in rt.choices], logits))
+            rt.close()
+        assert runs[0][0] == runs[1][0] and torch.allclose(runs[0][1], runs[1][1], atol=1e-5)
+        assert torch.equal(el.model(input_ids=ids, use_cache=False).logits, before)
+    assert not any(isinstance(m, GroupedMLP) for m in el.model.modules())
+
+
+@pytest.mark.parametrize("routed", [None], indirect=True, ids=["per-layer"])
+def test_lookahead_decode_leaves_a_per_layer_router_on_the_general_path(routed):
+    el_dir, table = routed
+    el = load_elastic(el_dir)
+    router, doc = load_router(el_dir, "dynamic", table.regime.key)
+    rt = DynamicRuntime(el, router)
+    rt.budget = encode_budget(0.6 * table.full_ms(), doc["targets_ms"])[None]
+    with torch.inference_mode():
+        el.model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False)
+    rt.fixed_heads = [kh for _, kh in rt.choices]
+    assert rt.lookahead_decode() is False
+    rt.close()

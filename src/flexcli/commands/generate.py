@@ -142,6 +142,7 @@ def _decode(el: ElasticModel, tok, ids: torch.Tensor, o: GenerateOptions, res: G
     res.prefill_ms = (time.perf_counter() - t0) * 1e3
     if rt is not None:  # heads per layer fixed at prefill; the per-token MLP choices start with decode
         rt.fixed_heads = [kh for _, kh in rt.choices]
+        rt.lookahead_decode()  # a lookahead router: one hook per step, the layers unwrapped
         rt.choices = []
     new, steps, shown = [], [], ""
     nxt = int(out.logits[0, -1].argmax())

@@ -98,6 +98,16 @@ class ElasticModel:
         q, _ = self.spec.head_index(heads)
         return unit_rows(q, d.head_dim), None
 
+    def neuron_linears(self, i: int) -> list[tuple[ElasticLinear, str]]:
+        """Layer i's projections whose rows or columns are MLP neurons, with the selection attribute
+        ("out_sel" / "in_sel") an MLP width sets: what set_layer(i, mlp=...) writes, for a caller that
+        sets widths at every decode step."""
+        return [
+            (lin, "out_sel" if out_u == "neuron" else "in_sel")
+            for lin, out_u, in_u in self._linears[i].values()
+            if "neuron" in (out_u, in_u)
+        ]
+
     def set_config(self, cfg: Config | None) -> None:
         """Activate per-layer (mlp, heads); None means the full model."""
         cfg = self.spec.full() if cfg is None else [(int(m), int(h)) for m, h in cfg]
