@@ -95,8 +95,8 @@ class DynamicRouter(nn.Module):
         _init(self, init_std)
         # per block, the hidden state it reads standardized channel by channel: (x - shift) * scale, set
         # from calibration text by `standardize` (identity until then, and in routers saved before it).
-        # Raw, a residual stream's few outlier channels (SmolLM2: |x| in the hundreds where most are
-        # under 1) set every token's logits alike, and the router learned one choice for all text
+        # Raw, a residual stream's few large channels (SmolLM2 at layer 1: mean |x| 13-15 in three, 0.9
+        # in the median one; 70-80 by layer 10) set every token's logits alike
         self.register_buffer("in_shift", torch.zeros(nets, hidden_size))
         self.register_buffer("in_scale", torch.ones(nets, hidden_size))
         # per-target logits added to every token's: the budget's own say, which hidden states of norm ~10

@@ -62,7 +62,6 @@ class RouterHyper:
     # direct: the priors' Adam rate (at 1e-2 for the whole router, raw hidden states in and priors
     # saturated, SmolLM2's ppl rose 10-25% over the static start in 60 steps)
     dynamic_lr: float = 1e-3
-    # direct: the learning rate of the token-dependent blocks (None: dynamic_lr); the priors keep dynamic_lr
     # direct: the token-dependent blocks learn at this rate (None: dynamic_lr), the priors at dynamic_lr, and
     # both fall linearly to dynamic_lr_end of it; on SmolLM2 (60 steps) this took held-out ppl 10-24% under
     # static's at every budget where the blocks at 1e-3 stayed at static's choices
