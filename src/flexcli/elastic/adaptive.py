@@ -152,7 +152,6 @@ class DynamicRuntime:
         # lookahead decode (see fixed_heads): one hook at the router's source layer sets every layer's
         # width in the elastic projections, the layers run unwrapped, as the static path's do
         self._source: int | None = getattr(router, "source", None)
-        self._neurons = [elastic.neuron_linears(i) for i in range(len(elastic.layers))]
         self._direct: list[torch.Tensor] | None = None  # layers before the source: their budget's choice
 
     def _wrap(self) -> None:
@@ -208,28 +207,22 @@ class DynamicRuntime:
         x0 = torch.zeros(1, 1, self.elastic.spec.dims.hidden_size, device=dev)  # not read before the source
         self._direct = [self.router.choose(i, x0, budget, heads=False)[0] for i in range(src)]
         for i, km in enumerate(self._direct):
-            self._set_mlp(i, int(km[0, 0]))
+            self.elastic.set_mlp(i, self.mlp_choices[int(km[0, 0])])
 
         def pre(_layer, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]  # (1, 1, D)
             if x.shape[1] != 1:
                 raise RuntimeError("lookahead decode runs one token per forward; set fixed_heads again first")
-            for i in range(len(self._neurons)):
+            for i in range(len(self.elastic.layers)):
                 if i < src:
                     km = self._direct[i]
                 else:
                     km = self.router.choose(i, x.detach(), self.budget.to(dev), heads=False)[0]
-                    self._set_mlp(i, int(km[0, 0]))
+                    self.elastic.set_mlp(i, self.mlp_choices[int(km[0, 0])])
                 self.choices.append((km, self._fixed[i]))
 
         self._hooks.append(self.elastic.layers[src].register_forward_pre_hook(pre, with_kwargs=True))
         return True
-
-    def _set_mlp(self, i: int, k: int) -> None:
-        w = self.mlp_choices[k]
-        sel = None if w == self.elastic.spec.dims.intermediate_size else w
-        for lin, attr in self._neurons[i]:
-            lin.__dict__[attr] = sel  # a plain attribute: bypasses nn.Module.__setattr__'s checks
 
     def _hook(self, i: int, gm: GroupedMLP, ga: GroupedAttention):
         def pre(_layer, args, kwargs):

@@ -79,6 +79,16 @@ class ElasticModel:
                     _set(layer, path, lin)
                 found[path] = (lin, out_u, in_u)
             self._linears.append(found)
+        # per layer, the (projection, "out_sel" | "in_sel") pairs an MLP width sets
+        self._neurons = [
+            [
+                (lin, a)
+                for lin, *units in found.values()
+                for a, u in zip(("out_sel", "in_sel"), units)
+                if u == "neuron"
+            ]
+            for found in self._linears
+        ]
         self.config: Config = spec.full()
         self._index_cache: dict[int, tuple[Selection, Selection]] = {}
 
@@ -98,15 +108,12 @@ class ElasticModel:
         q, _ = self.spec.head_index(heads)
         return unit_rows(q, d.head_dim), None
 
-    def neuron_linears(self, i: int) -> list[tuple[ElasticLinear, str]]:
-        """Layer i's projections whose rows or columns are MLP neurons, with the selection attribute
-        ("out_sel" / "in_sel") an MLP width sets: what set_layer(i, mlp=...) writes, for a caller that
-        sets widths at every decode step."""
-        return [
-            (lin, "out_sel" if out_u == "neuron" else "in_sel")
-            for lin, out_u, in_u in self._linears[i].values()
-            if "neuron" in (out_u, in_u)
-        ]
+    def set_mlp(self, i: int, mlp: int) -> None:
+        """Set layer i's MLP width: cheap enough to call per layer at every decode step (the selections
+        are plain attributes, written past nn.Module.__setattr__'s checks)."""
+        sel = None if mlp == self.spec.dims.intermediate_size else mlp
+        for lin, attr in self._neurons[i]:
+            lin.__dict__[attr] = sel
 
     def set_config(self, cfg: Config | None) -> None:
         """Activate per-layer (mlp, heads); None means the full model."""
@@ -118,13 +125,13 @@ class ElasticModel:
 
     def set_layer(self, i: int, mlp: int | None = None, heads: int | None = None) -> None:
         """Set one layer's MLP width and/or head count (None leaves it unchanged)."""
-        d = self.spec.dims
-        unit_sel: dict[str, Selection] = {}
         if mlp is not None:
-            unit_sel["neuron"] = None if mlp == d.intermediate_size else mlp
-        if heads is not None:
-            unit_sel["qhead"], unit_sel["kvhead"] = self._head_sel(heads)
-            self._attn[i].num_key_value_groups = heads // self.spec.kv_heads(heads)
+            self.set_mlp(i, mlp)
+        if heads is None:
+            return
+        unit_sel: dict[str, Selection] = {}
+        unit_sel["qhead"], unit_sel["kvhead"] = self._head_sel(heads)
+        self._attn[i].num_key_value_groups = heads // self.spec.kv_heads(heads)
         for lin, out_u, in_u in self._linears[i].values():
             if out_u in unit_sel:
                 lin.out_sel = unit_sel[out_u]
