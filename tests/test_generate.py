@@ -26,7 +26,8 @@ PROMPT = "def parse(text):\n    return"
 
 @pytest.fixture
 def routed(tmp_path, tokenizer_dir, calib_file, request):
-    """A converted checkpoint with both routers; indirect param: the adaptive router's --dynamic-source."""
+    """A converted checkpoint with both routers; indirect param: the adaptive router's --dynamic-source
+    (absent: train-router's default, the lookahead router at layer 1)."""
     el, spec, table = small_elastic(tmp_path, tokenizer_dir, calib_file)
     source = getattr(request, "param", None)
     r = subprocess.run(
@@ -55,7 +56,7 @@ def test_static_generation_is_transformers_generate_at_the_router_configuration(
     assert res.text == tok.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("routed", [None, 1], indirect=True, ids=["per-layer", "lookahead"])
+@pytest.mark.parametrize("routed", ["each", 1], indirect=True, ids=["per-layer", "lookahead"])
 def test_adaptive_decode_with_cache_matches_one_uncached_forward(routed):
     el_dir, table = routed
     res = generate(
@@ -211,7 +212,7 @@ def test_lookahead_decode_runs_the_layers_unwrapped_and_close_restores_them(rout
     assert not any(isinstance(m, GroupedMLP) for m in el.model.modules())
 
 
-@pytest.mark.parametrize("routed", [None], indirect=True, ids=["per-layer"])
+@pytest.mark.parametrize("routed", ["each"], indirect=True, ids=["per-layer"])
 def test_lookahead_decode_leaves_a_per_layer_router_on_the_general_path(routed):
     el_dir, table = routed
     el = load_elastic(el_dir)

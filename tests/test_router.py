@@ -20,6 +20,7 @@ from flexcli.latency.table import LatencyTable, Regime
 from flexcli.plan.budget import parse_budget, parse_budgets
 from flexcli.progress import Reporter
 from flexcli.router.models import DynamicRouter, StaticRouter, Surrogate, encode_budget, static_config
+from flexcli.router.store import load_router
 from flexcli.router.surrogate import sample_config, sm_spearman, spearman, warm_up_surrogate
 from flexcli.router.training import RouterHyper, train_static
 
@@ -232,6 +233,8 @@ def test_train_router_cli_end_to_end(tmp_path, tokenizer_dir, calib_file, monkey
     full = doc["budgets"][-1]
     assert [c["mlp"] for c in full["config"]] == [mlp[0]] * 2  # 100% is the full model exactly
     assert (tmp_path / "el" / "flex_routers.safetensors").exists()
+    dyn, _ = load_router(tmp_path / "el", "dynamic", doc["regime"])
+    assert dyn.source == 1  # the default: the lookahead router at layer 1 (results/adaptive_perlayer.md)
     comp = runner.invoke(
         app,
         ["train-router", el, "--budgets", "50%", "--no-dynamic", "--steps", "5", "--sm-warmup", "8",
@@ -247,6 +250,8 @@ def test_train_router_cli_end_to_end(tmp_path, tokenizer_dir, calib_file, monkey
     assert missing.exit_code == 2 and "flex profile" in missing.stderr
     far = runner.invoke(app, ["train-router", el, "--dynamic-source", "2"])  # 2 layers: 0-1
     assert far.exit_code == 2 and "0-1" in far.stderr and len(far.stderr.strip().splitlines()) == 1
+    word = runner.invoke(app, ["train-router", el, "--dynamic-source", "first"])
+    assert word.exit_code == 2 and "each" in word.stderr and len(word.stderr.strip().splitlines()) == 1
 
 
 class _FixedRouter:

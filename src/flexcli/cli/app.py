@@ -204,7 +204,7 @@ def train_router_cmd(
     dynamic_steps: Annotated[int, typer.Option("--dynamic-steps", min=1, help="Input-adaptive router steps.")] = 200,
     dynamic_train: Annotated[str, typer.Option("--dynamic-train", help="Input-adaptive router: direct (the frozen LM's loss at the sampled widths, its gradient through the width mixture, every step) or surrogate (the paper's gated surrogate; an ablation).")] = "direct",
     dynamic_init: Annotated[bool, typer.Option("--dynamic-init/--no-dynamic-init", help="Start the input-adaptive router at the static router's choices.")] = True,
-    dynamic_source: Annotated[int | None, typer.Option("--dynamic-source", min=0, help="Lookahead: the layer whose input decides every later layer's MLP width, one router call per decode step (earlier layers run the budget's static choice) [default: every layer routes from its own input].")] = None,
+    dynamic_source: Annotated[str, typer.Option("--dynamic-source", metavar="LAYER|each", help="The layer whose input decides its own and every later layer's MLP width, one router call per decode step (earlier layers run the budget's static choice); `each`: every layer routes from its own input.")] = "1",
     joint_steps: Annotated[int, typer.Option("--joint-steps", min=0, help="Joint LLM + static router fine-tuning steps (0 = skip).")] = 0,
     sm_warmup: Annotated[int, typer.Option("--sm-warmup", min=8, help="Surrogate warm-up configurations.")] = 256,
     surrogate: Annotated[bool, typer.Option("--surrogate/--no-surrogate", help="Train the static router through the surrogate model (default) or directly on the LM loss (ablation).")] = True,
@@ -219,11 +219,17 @@ def train_router_cmd(
 ) -> None:
     """Train static and input-adaptive routers against the latency table, with the surrogate model."""
     params = dict(locals())
-    from ..commands.train_router import DEFAULT_BUDGETS, RouterHyper, TrainRouterOptions, train_routers
+    from ..commands.train_router import (
+        DEFAULT_BUDGETS,
+        RouterHyper,
+        TrainRouterOptions,
+        parse_source,
+        train_routers,
+    )
     from ..plan.budget import parse_budgets
 
     def work(rep: Reporter):
-        h = options(RouterHyper, params)
+        h = options(RouterHyper, params, dynamic_source=parse_source(dynamic_source))
         o = options(TrainRouterOptions, params, budgets=parse_budgets(budgets or DEFAULT_BUDGETS), hyper=h)
         return train_routers(_elastic_arg(elastic), o, rep)
 

@@ -44,6 +44,23 @@ from ..train.loop import sample_batch
 DEFAULT_BUDGETS = "40%,55%,70%,85%"
 
 
+def parse_source(text: str) -> int | None:
+    """`--dynamic-source`: a layer index (the lookahead router's source), or `each` (None: every layer
+    routes from its own input)."""
+    if text.strip().lower() == "each":
+        return None
+    try:
+        layer = int(text)
+    except ValueError:
+        layer = -1
+    if layer < 0:
+        raise UsageError(
+            f"--dynamic-source takes a layer number (0, 1, ...) or `each`, got {text!r}",
+            option="dynamic_source",
+        )
+    return layer
+
+
 @dataclass(kw_only=True)
 class TrainRouterOptions:
     budgets: list[Budget] = field(default_factory=lambda: parse_budgets(DEFAULT_BUDGETS))

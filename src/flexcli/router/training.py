@@ -73,8 +73,9 @@ class RouterHyper:
     # probability 0.99999, margins of 6-20), so neither Gumbel samples nor gradients leave the static choice
     dynamic_prior_scale: float = 1.0
     # lookahead: the layer whose input decides every later layer's width (one router call per step; the
-    # layers before it run the budget's own choice); None: every layer routes from its own input
-    dynamic_source: int | None = None
+    # layers before it run the budget's own choice); None: every layer routes from its own input, which on
+    # SmolLM2 (results/adaptive_perlayer.md) decoded 2-15% slower than static and lost in ppl at 70/80%
+    dynamic_source: int | None = 1
     # standardize the router's input channels on the training text before training (DynamicRouter.standardize)
     dynamic_standardize: bool = True
     seed: int = 0
